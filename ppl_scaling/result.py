@@ -1,0 +1,104 @@
+"""``SMCResult``: the weighted particle population an SMC run returns, with its
+diagnostics, posterior views and ArviZ export.
+
+Per-step arrays (``ess``, ``resampled``, ``log_evidence_increments``) have one
+entry per executed step t = 0..steps-1; ``resampled[t]`` says whether the
+particles were resampled at the start of step t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .rng import as_generator
+from .state import take
+from .weights import ess as _ess
+from .weights import normalise
+
+
+@dataclass
+class SMCResult:
+    particles: Any
+    log_weights: np.ndarray
+    log_evidence: float
+    ess: np.ndarray
+    resampled: np.ndarray
+    log_evidence_increments: np.ndarray
+    done: np.ndarray | None = None
+    history: list[Any] | None = None
+    ancestors: list[np.ndarray] | None = None
+    compute: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.log_weights.shape[0])
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Normalised final weights W (sum to one)."""
+        return normalise(self.log_weights)
+
+    @property
+    def final_ess(self) -> float:
+        return _ess(self.log_weights)
+
+    @property
+    def cumulative_log_evidence(self) -> np.ndarray:
+        """log Z_t after each step t."""
+        return np.cumsum(self.log_evidence_increments)
+
+    def resample(self, k: int | None = None, *, seed: int | None = None,
+                 rng: np.random.Generator | None = None) -> Any:
+        """``k`` equally weighted draws (multinomial, i.i.d. order) from the final particles."""
+        rng = as_generator(seed, rng)
+        k = self.num_particles if k is None else int(k)
+        return take(self.particles, rng.choice(self.num_particles, size=k, p=self.weights))
+
+    def lineage(self) -> np.ndarray:
+        """(steps, N) int array: B[t, n] = index at step t of the ancestor of final particle n."""
+        if self.ancestors is None:
+            raise ValueError("run smc(..., store_history=True) to keep the genealogy")
+        steps = len(self.ancestors)
+        B = np.empty((steps, self.num_particles), dtype=np.int64)
+        B[-1] = np.arange(self.num_particles)
+        for t in range(steps - 1, 0, -1):
+            B[t - 1] = self.ancestors[t][B[t]]
+        return B
+
+    def paths(self) -> list[Any]:
+        """The full trajectory of every final particle: element t is the batch of
+        states at step t along each final particle's ancestral line."""
+        B = self.lineage()
+        return [take(x, B[t]) for t, x in enumerate(self.history)]
+
+    def num_unique_ancestors(self) -> np.ndarray:
+        """Distinct ancestors at each step of the surviving lines (path degeneracy)."""
+        return np.array([np.unique(b).size for b in self.lineage()])
+
+    def summary(self) -> str:
+        steps = len(self.ess)
+        lines = [
+            f"SMCResult: {self.num_particles} particles, {steps} steps, model {self.info.get('model', '?')}",
+            f"  log evidence      {self.log_evidence:.4f}",
+            f"  final ESS         {self.final_ess:.1f} / {self.num_particles}",
+            f"  min ESS           {self.ess.min():.1f} at step {int(self.ess.argmin())}" if steps else "",
+            f"  resampled         {int(self.resampled.sum())} of {steps} steps ({self.info.get('resampling', '?')})",
+        ]
+        if self.done is not None and self.done.any():
+            lines.append(f"  finished          {int(self.done.sum())} of {self.num_particles} particles")
+        for k, v in self.compute.items():
+            lines.append(f"  {k:<17} {v:.4g}" if isinstance(v, float) else f"  {k:<17} {v}")
+        return "\n".join(line for line in lines if line)
+
+    def __repr__(self) -> str:
+        return (f"SMCResult(num_particles={self.num_particles}, steps={len(self.ess)}, "
+                f"log_evidence={self.log_evidence:.4f}, final_ess={self.final_ess:.1f})")
+
+    def to_arviz(self):
+        """Export to ArviZ; see ``ppl_scaling.arviz_export.to_arviz`` for the layout."""
+        from .arviz_export import to_arviz
+
+        return to_arviz([self])
