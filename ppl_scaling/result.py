@@ -28,6 +28,7 @@ class SMCResult:
     log_evidence_increments: np.ndarray
     done: np.ndarray | None = None
     history: list[Any] | None = None
+    log_weights_history: list[np.ndarray] | None = None
     ancestors: list[np.ndarray] | None = None
     compute: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +57,14 @@ class SMCResult:
         rng = as_generator(seed, rng)
         k = self.num_particles if k is None else int(k)
         return take(self.particles, rng.choice(self.num_particles, size=k, p=self.weights))
+
+    def filtering_mean(self, f: Any = None) -> np.ndarray:
+        """Σ_i W_{t,i} f(x_{t,i}) at every step t (needs ``store_history=True``);
+        ``f`` defaults to the identity on array states."""
+        if self.history is None:
+            raise ValueError("run smc(..., store_history=True) to keep per-step particles")
+        f = f or (lambda x: np.asarray(x, dtype=np.float64))
+        return np.array([normalise(lw) @ f(x) for x, lw in zip(self.history, self.log_weights_history)])
 
     def lineage(self) -> np.ndarray:
         """(steps, N) int array: B[t, n] = index at step t of the ancestor of final particle n."""

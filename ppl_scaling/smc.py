@@ -118,6 +118,7 @@ class SMC:
         log_Z = 0.0
         ess_trace, resampled, increments = [], [], []
         history: list[Any] = []
+        lw_history: list[np.ndarray] = []
         ancestry: list[np.ndarray] = []
         x: Any = None
         bar = tqdm(total=self.T, desc="SMC", disable=not self.progress, leave=False)
@@ -164,6 +165,7 @@ class SMC:
             increments.append(increment)
             if self.store_history:
                 history.append(x)
+                lw_history.append(lw)
                 ancestry.append(A)
             bar.update(1)
         bar.close()
@@ -178,6 +180,7 @@ class SMC:
             log_evidence_increments=np.asarray(increments),
             done=done,
             history=history if self.store_history else None,
+            log_weights_history=lw_history if self.store_history else None,
             ancestors=ancestry if self.store_history else None,
             compute=compute,
             info={"num_particles": N, "resampling": self.resampling_name, "ess_threshold": self.ess_threshold,
