@@ -11,7 +11,8 @@ Subpackages: ``ppl_scaling.samplers`` (importance sampling, particle Gibbs, ...)
 ``ppl_scaling.models`` (LLM token streams), ``ppl_scaling.diffusion``
 (diffusion steering), ``ppl_scaling.pyro`` (Pyro programs as FK models).
 """
-from . import resampling
+from . import resampling, weights
+from .arviz_export import to_arviz
 from .errors import DegenerateWeightsError, PotentialError
 from .fk import FeynmanKac
 from .result import SMCResult
@@ -22,6 +23,6 @@ from .state import take, where
 __version__ = "0.1.0"
 
 __all__ = [
-    "FeynmanKac", "SMC", "SMCResult", "smc", "resampling", "take", "where",
+    "FeynmanKac", "SMC", "SMCResult", "smc", "resampling", "weights", "take", "where", "to_arviz",
     "DegenerateWeightsError", "PotentialError", "as_generator", "torch_generator", "jax_key",
 ]

@@ -25,7 +25,7 @@ import time
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import DegenerateWeightsError, PotentialError
 from .resampling import Scheme, get_scheme

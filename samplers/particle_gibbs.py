@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ppl_scaling.resampling import multinomial
 from ppl_scaling.result import SMCResult
