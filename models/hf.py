@@ -1,0 +1,301 @@
+"""Hugging Face transformers backend: batched step sampling with a KV cache per particle.
+
+    lm = HFLanguageModel.from_pretrained("path/or/hub-id", device="cuda", dtype="bfloat16")
+    ctx = lm.start([lm.encode(prompt)]).take(np.zeros(N, int))     # the prompt is encoded once
+    s = lm.sample_steps(ctx, step_delimiter="\\n\\n", max_step_tokens=256, temperature=0.8, generator=g)
+
+What happens underneath (``KVContexts``):
+
+- The cache holds every token of a row except the last one, the *pending* token, which
+  the next forward pass feeds. Rows are right-aligned: row r's cached tokens are its last
+  columns (``mask`` = 1), left padding before them; the pending token sits at position
+  ``mask[r].sum()``. Positions and the attention mask are passed explicitly, so rows of
+  different lengths share one batched forward pass.
+- The prompt is encoded once; ``take`` with a single source row expands it without a copy.
+  Resampling (``take(idx)``) index-selects cache rows: nothing is re-encoded from text.
+- One forward pass per token for the rows still generating in this step. A row that has
+  finished its step is fed a masked padding token while it shares the batch; once at least
+  half of the batch has finished, the finished rows are split off, so the remaining rows
+  run alone. At the end of the step all rows are re-packed right-aligned (a gather), which
+  removes the masked holes. Particles that finished (EOS) are dropped by the caller
+  (``StepModel``) and cost nothing afterwards.
+
+Only models whose cache is a plain full-attention ``DynamicCache`` (Llama, Qwen2, Mistral
+without sliding windows, ...) take the fast path; others raise ``NotImplementedError``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .lm import Contexts, LanguageModel, StepSample, _is_identity, _StepRecorder, sample_tokens
+
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class KVContexts(Contexts):
+    """Token rows with their KV-cache rows (layout in the module docstring)."""
+
+    def __init__(self, ids: Sequence[Sequence[int]], kv: KV | None, mask: torch.Tensor,
+                 pending: torch.Tensor) -> None:
+        super().__init__(ids)
+        self.kv, self.mask, self.pending = kv, mask, pending
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> "KVContexts":
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if _is_identity(idx, len(self)):
+            return self
+        ids = [self.ids[i] for i in idx]
+        if len(self) == 1 and len(idx) > 0:  # one shared row (the prompt): views, no copy
+            n = len(idx)
+            kv = None if self.kv is None else tuple(
+                (k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:])) for k, v in self.kv)
+            return KVContexts(ids, kv, self.mask.expand(n, -1), self.pending.expand(n))
+        t = torch.as_tensor(idx, device=self.mask.device)
+        kv = None if self.kv is None else tuple((k.index_select(0, t), v.index_select(0, t)) for k, v in self.kv)
+        return KVContexts(ids, kv, self.mask.index_select(0, t), self.pending.index_select(0, t))
+
+    def extend(self, new_ids: Sequence[Sequence[int]]) -> Contexts:
+        raise TypeError("KVContexts grow through HFLanguageModel.sample_steps, which updates their cache")
+
+    @classmethod
+    def concat(cls, parts: Sequence["KVContexts"]) -> "KVContexts":
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise ValueError("concat needs at least one non-empty KVContexts")
+        W = max(p.mask.shape[1] for p in parts)
+        template = next((p.kv for p in parts if p.kv is not None), None)
+        padded = [_left_pad(p.kv if p.kv is not None or template is None else _empty_like(template, len(p)),
+                            p.mask, W) for p in parts]
+        kv = None if template is None else tuple(
+            (torch.cat([kv_[i][0] for kv_, _ in padded]), torch.cat([kv_[i][1] for kv_, _ in padded]))
+            for i in range(len(template)))
+        return KVContexts([r for p in parts for r in p.ids], kv, torch.cat([m for _, m in padded]),
+                          torch.cat([p.pending for p in parts]))
+
+
+def _empty_like(kv: KV, n: int) -> KV:
+    return tuple((k.new_zeros((n, k.shape[1], 0, k.shape[3])), v.new_zeros((n, v.shape[1], 0, v.shape[3])))
+                 for k, v in kv)
+
+
+def _left_pad(kv: KV | None, mask: torch.Tensor, W: int) -> tuple[KV | None, torch.Tensor]:
+    """Pad ``W - L`` masked zero columns on the left."""
+    extra = W - mask.shape[1]
+    if extra <= 0:
+        return kv, mask
+    if kv is not None:
+        kv = tuple((F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in kv)
+    return kv, F.pad(mask, (extra, 0))
+
+
+def _pack(kv: KV, mask: torch.Tensor, W: int) -> tuple[KV, torch.Tensor]:
+    """Right-align every row's unmasked columns into width ``W`` (>= the longest row),
+    dropping masked holes; the valid columns keep their order."""
+    kv, mask = _left_pad(kv, mask, W)
+    L = mask.shape[1]
+    if bool((mask[:, 1:] >= mask[:, :-1]).all()):  # already right-aligned: trim
+        return tuple((k[:, :, L - W:], v[:, :, L - W:]) for k, v in kv), mask[:, L - W:]
+    # A stable sort of the 0/1 mask lists each row's masked columns first, then its valid ones in order.
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, L - W:]
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, order[:, None, :, None].expand(x.shape[0], x.shape[1], W, x.shape[3]))
+
+    return tuple((gather(k), gather(v)) for k, v in kv), mask.gather(1, order)
+
+
+def _as_cache(kv: KV | None) -> Any:
+    """A fresh ``DynamicCache`` over the tensors ``kv`` (no copy; the forward pass
+    concatenates new columns into new tensors, leaving ``kv`` untouched)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    if kv is not None:
+        for k, v in kv:
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            cache.layers.append(layer)
+    return cache
+
+
+def _cache_tensors(cache: Any) -> KV:
+    from transformers.cache_utils import DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise NotImplementedError(f"HFLanguageModel's step sampler needs full-attention DynamicCache layers; "
+                                  f"this model produced {kinds}")
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+class HFLanguageModel(LanguageModel):
+    """A transformers causal LM and its tokenizer, with a KV-cached batched step sampler."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise NotImplementedError(f"{type(model).__name__} uses attention layers {sorted(kinds)}; "
+                                      "HFLanguageModel supports full attention only")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
+        self.eos_token_id = sorted(eos) or None
+        self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        self._delimiter_tokens: dict[str, list[bool] | None] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> "HFLanguageModel":
+        """Load ``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local directory or a hub id.
+        ``dtype`` (e.g. "bfloat16") defaults to the checkpoint's own dtype."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name = str(name_or_path)
+        path = Path(name).expanduser()
+        if not path.exists() and (not _HUB_ID.match(name) or isinstance(name_or_path, Path)):
+            raise FileNotFoundError(f"model path {name!r} does not exist; pass a directory holding config.json "
+                                    "and the weights, or a Hugging Face hub id such as 'Qwen/Qwen2.5-0.5B'")
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+            dtype = getattr(torch, dtype)
+        source = str(path) if path.exists() else name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+        except OSError as e:
+            raise OSError(f"could not load a causal LM from {name!r}: it is not a local directory and the "
+                          f"Hugging Face hub could not provide it (offline?). Original error: {e}") from e
+        return cls(model.to(device), tokenizer)
+
+    # -- the minimal interface ---------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _padded(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded input ids, attention mask and position ids of ``rows``."""
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, L - len(r):] = torch.as_tensor(list(r))
+                mask[i, L - len(r):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Full recompute (no cache) of log p(next token | context) for each context."""
+        ids, mask, pos = self._padded(contexts)
+        self._count(forward_passes=1)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    # -- the fast path -----------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, ids: Sequence[Sequence[int]]) -> KVContexts:
+        """Encode the rows ``ids`` (all but each row's last token go into the cache)."""
+        if len(ids) == 0 or any(len(r) == 0 for r in ids):
+            raise ValueError("every context needs at least one token (e.g. BOS); got an empty one")
+        pending = torch.as_tensor([r[-1] for r in ids], dtype=torch.long, device=self.device)
+        prefixes = [list(r[:-1]) for r in ids]
+        if max(len(p) for p in prefixes) == 0:
+            return KVContexts(ids, None, torch.zeros((len(ids), 0), dtype=torch.long, device=self.device), pending)
+        inp, mask, pos = self._padded(prefixes)
+        cache = _as_cache(None)
+        self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        self._count(forward_passes=1)
+        return KVContexts(ids, _cache_tensors(cache), mask, pending)
+
+    def _may_end(self, delimiter: str) -> list[bool] | None:
+        """Per vocabulary id: can this token complete ``delimiter``? (None: check every token.)
+        A token that completes it decodes, on its own, to text containing the delimiter's
+        last character; the shortcut is skipped for delimiters ending in a space, which
+        some tokenizers attach to the next token."""
+        if delimiter not in self._delimiter_tokens:
+            table = None
+            if not delimiter.endswith(" "):
+                V = self.model.get_output_embeddings().weight.shape[0]
+                n = min(V, len(self.tokenizer))
+                pieces = self.tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
+                table = [delimiter[-1] in s or s == "" or "\ufffd" in s for s in pieces] + [True] * (V - n)
+            self._delimiter_tokens[delimiter] = table
+        return self._delimiter_tokens[delimiter]
+
+    @torch.no_grad()
+    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
+                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+        if not isinstance(contexts, KVContexts):
+            raise TypeError("HFLanguageModel.sample_steps needs KVContexts from HFLanguageModel.start(...)")
+        R = len(contexts)
+        rec = _StepRecorder(self, R, step_delimiter)
+        if R == 0:
+            return rec.result(contexts)
+        may_end = None if step_delimiter is None else self._may_end(step_delimiter)
+        cache = _as_cache(contexts.kv)
+        mask, pending = contexts.mask, contexts.pending.clone()
+        pos = mask.sum(1)
+        rows = torch.arange(R, device=self.device)
+        live = torch.ones(R, dtype=torch.bool, device=self.device)
+        parts = []  # (rows, kv, mask, pending) of rows split off the batch
+        n_iter = 1 if step_delimiter is None else max_step_tokens
+        for k in range(n_iter):
+            mask = torch.cat([mask, live.to(mask.dtype)[:, None]], dim=1)
+            inp = torch.where(live, pending, torch.full_like(pending, self.pad_token_id))
+            logits = self.model(input_ids=inp[:, None], attention_mask=mask, position_ids=pos[:, None],
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+            self._count(forward_passes=1)
+            li = live.nonzero().squeeze(1)
+            tok, log_q, log_p = sample_tokens(logits[li], temperature, generator)
+            pending[li], pos[li] = tok, pos[li] + 1
+            check = None if may_end is None else [may_end[t] for t in tok.tolist()]
+            still = rec.add(rows[li].tolist(), tok, log_q, log_p, check)
+            live[li] = torch.as_tensor(still, device=self.device)
+            if not live.any():
+                break
+            if k + 1 < n_iter and 2 * int(live.sum()) <= len(live):
+                keep, drop = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
+                kv = _cache_tensors(cache)
+                parts.append((rows[drop], tuple((k_[drop], v_[drop]) for k_, v_ in kv), mask[drop], pending[drop]))
+                cache.batch_select_indices(keep)
+                rows, mask, pending, pos, live = rows[keep], mask[keep], pending[keep], pos[keep], live[keep]
+        parts.append((rows, _cache_tensors(cache), mask, pending))
+        kv, mask, pending = _merge(parts)
+        ids = [old + tuple(new) for old, new in zip(contexts.ids, rec.ids)]
+        return rec.result(KVContexts(ids, kv, mask, pending))
+
+
+def _merge(parts: list[tuple[torch.Tensor, KV, torch.Tensor, torch.Tensor]]) -> tuple[KV, torch.Tensor, torch.Tensor]:
+    """Re-pack the parts right-aligned to a common width and restore the original row order."""
+    W = max(int(m.sum(1).max()) for _, _, m, _ in parts)
+    packed = [_pack(kv, m, W) for _, kv, m, _ in parts]
+    if len(parts) == 1:
+        (kv, mask), rows, pending = packed[0], parts[0][0], parts[0][3]
+        if _is_identity(rows.cpu().numpy(), len(rows)):
+            return kv, mask, pending
+    rows = torch.cat([p[0] for p in parts])
+    inv = torch.empty_like(rows)
+    inv[rows] = torch.arange(len(rows), device=rows.device)
+    kv = tuple((torch.cat([p[0][i][0] for p in packed]).index_select(0, inv),
+                torch.cat([p[0][i][1] for p in packed]).index_select(0, inv)) for i in range(len(packed[0][0])))
+    mask = torch.cat([m for _, m in packed]).index_select(0, inv)
+    return kv, mask, torch.cat([p[3] for p in parts]).index_select(0, inv)

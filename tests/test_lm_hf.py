@@ -1,0 +1,133 @@
+"""HFLanguageModel: loading, KV-cached step sampling equal to a full recompute, resampling
+reorders cache rows, fast path equal to the generic path, errors.
+
+The model is a tiny randomly initialised Llama over a 7-token character vocabulary,
+saved to a temporary directory and loaded back through ``from_pretrained``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_scaling.models.hf import HFLanguageModel, KVContexts
+from ppl_scaling.models.lm import Contexts, LanguageModel
+from tiny_llama import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return HFLanguageModel.from_pretrained(build_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def recomputed_logprob(lm, context, new_ids):
+    """log p(new_ids | context) by full forward passes without a cache."""
+    if not new_ids:
+        return 0.0
+    prefixes = [list(context) + list(new_ids[:k]) for k in range(len(new_ids))]
+    lp = lm.next_token_logprobs(prefixes)
+    return float(lp[torch.arange(len(new_ids)), torch.as_tensor(new_ids)].double().sum())
+
+
+def test_loads_through_from_pretrained(lm):
+    assert lm.eos_token_id == [2]
+    assert lm.encode("ab\nc") == [1, 3, 4, 6, 5]
+    assert lm.decode(lm.encode("ab\nc")) == "ab\nc"
+
+
+def test_kv_cached_logprobs_equal_full_recompute(lm):
+    """Several steps with rows of different lengths, EOS rows dropped and a resampling
+    reorder (with duplicates) between steps: every step's log p equals a recompute."""
+    ctx = lm.start([lm.encode("ab"), lm.encode("abca\nba"), lm.encode("")])
+    g = torch.Generator().manual_seed(3)
+    lengths_differ = False
+    for step in range(6):
+        s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=7, temperature=0.8, generator=g)
+        for r in range(len(ctx)):
+            assert s.log_p[r] == pytest.approx(recomputed_logprob(lm, ctx.ids[r], s.token_ids[r]), abs=1e-4)
+            assert s.contexts.ids[r] == ctx.ids[r] + tuple(s.token_ids[r])
+        lengths_differ |= len({len(t) for t in s.token_ids}) > 1
+        alive = np.flatnonzero(~s.eos)
+        if alive.size == 0:
+            break
+        A = np.random.default_rng(step).choice(alive, size=4)  # resample, duplicates likely
+        ctx = s.contexts.take(A)
+    assert lengths_differ
+
+
+def test_temperature_proposal_vs_model_logprobs(lm):
+    ctx = lm.start([lm.encode("a")] * 3)
+    s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=5, temperature=0.5,
+                        generator=torch.Generator().manual_seed(0))
+    for r in range(3):
+        ids, lq = list(ctx.ids[r]), 0.0
+        for t in s.token_ids[r]:
+            lq += float(torch.log_softmax(lm.next_token_logprobs([ids])[0] / 0.5, -1)[t])
+            ids.append(t)
+        assert s.log_q[r] == pytest.approx(lq, abs=1e-4)
+    assert not np.allclose(s.log_q, s.log_p)
+
+
+def test_fast_path_equals_generic_path(lm):
+    """Same generator seed: the KV-cached sampler draws exactly the tokens the generic
+    (recompute-everything) sampler draws, with the same log-probabilities."""
+    rows = [lm.encode("ab"), lm.encode("c\nab"), lm.encode("b"), lm.encode("bbb")]
+    fast = lm.sample_steps(lm.start(rows), step_delimiter="\n", max_step_tokens=8, temperature=0.9,
+                           generator=torch.Generator().manual_seed(7))
+    slow = LanguageModel.sample_steps(lm, Contexts(rows), step_delimiter="\n", max_step_tokens=8,
+                                      temperature=0.9, generator=torch.Generator().manual_seed(7))
+    assert fast.token_ids == slow.token_ids
+    assert fast.texts == slow.texts
+    np.testing.assert_allclose(fast.log_p, slow.log_p, atol=1e-4)
+    np.testing.assert_array_equal(fast.eos, slow.eos)
+    np.testing.assert_array_equal(fast.delimited, slow.delimited)
+
+
+def test_resampled_rows_continue_like_their_ancestors(lm):
+    """take(A) then a step == re-encoding the ancestors' tokens from scratch then the same step."""
+    s = lm.sample_steps(lm.start([lm.encode("a"), lm.encode("ccb\n"), lm.encode("ab")]), step_delimiter="\n",
+                        max_step_tokens=4, generator=torch.Generator().manual_seed(1))
+    A = [2, 0, 2, 1, 1]
+    resampled = s.contexts.take(A)
+    fresh = lm.start([s.contexts.ids[a] for a in A])
+    kw = dict(step_delimiter="\n", max_step_tokens=6, temperature=1.0)
+    a = lm.sample_steps(resampled, generator=torch.Generator().manual_seed(5), **kw)
+    b = lm.sample_steps(fresh, generator=torch.Generator().manual_seed(5), **kw)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.log_p, b.log_p, atol=1e-4)
+
+
+def test_one_token_per_step_and_concat(lm):
+    ctx = lm.start([lm.encode("a"), lm.encode("abc")])
+    s = lm.sample_steps(ctx, step_delimiter=None, max_step_tokens=50, generator=torch.Generator().manual_seed(0))
+    assert [len(t) for t in s.token_ids] == [1, 1]
+    both = KVContexts.concat([s.contexts, lm.start([lm.encode("b\nb")])])
+    assert len(both) == 3 and both.ids[2] == tuple(lm.encode("b\nb"))
+    nxt = lm.sample_steps(both, step_delimiter="\n", max_step_tokens=3, generator=torch.Generator().manual_seed(2))
+    for r in range(3):
+        assert nxt.log_p[r] == pytest.approx(recomputed_logprob(lm, both.ids[r], nxt.token_ids[r]), abs=1e-4)
+
+
+def test_compute_counters(lm):
+    before = lm.counters()
+    s = lm.sample_steps(lm.start([lm.encode("ab")] * 4), step_delimiter="\n", max_step_tokens=5,
+                        generator=torch.Generator().manual_seed(0))
+    after = lm.counters()
+    assert after["tokens"] - before["tokens"] == sum(len(t) for t in s.token_ids)
+    assert after["forward_passes"] - before["forward_passes"] == 1 + max(len(t) for t in s.token_ids)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HFLanguageModel.from_pretrained(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HFLanguageModel.from_pretrained(str(tmp_path / "no_such_model"))
+
+
+def test_bad_inputs(lm, tmp_path):
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.start([[]])
+    with pytest.raises(TypeError, match="KVContexts"):
+        lm.sample_steps(Contexts([[1, 3]]), step_delimiter="\n", max_step_tokens=2,
+                        generator=torch.Generator())
+    with pytest.raises(ValueError, match="unknown dtype"):
+        HFLanguageModel.from_pretrained(build_tiny_llama(tmp_path / "m"), dtype="float33")

@@ -1,0 +1,191 @@
+"""StepModel: SMC over a bigram language model matches the brute-force posterior and
+its evidence estimate is unbiased; resampling keeps KV caches right; errors.
+
+Exactness is tested through the unbiasedness identities of SMC, which hold for any
+number of particles N: over independent runs r,
+    E[Z_hat_r / Z] = 1    and    E[(Z_hat_r / Z) Σ_i W_ri 1{x_ri = s}] = π(s),
+with tolerances of 4.5 Monte Carlo standard errors (estimated from the runs).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import ppl_scaling as pps
+from ppl_scaling.errors import PotentialError
+from ppl_scaling.models.hf import HFLanguageModel
+from ppl_scaling.models.lm import LanguageModel
+from ppl_scaling.models.step import StepModel
+from tiny_llama import build_tiny_llama
+
+# Tokens: 0 = "^" (BOS), 1 = "a", 2 = "b", 3 = EOS. Row = previous token.
+BIGRAM = np.array([[0.0, 0.5, 0.3, 0.2],
+                   [0.0, 0.3, 0.4, 0.3],
+                   [0.0, 0.6, 0.15, 0.25],
+                   [0.25, 0.25, 0.25, 0.25]])
+CHARS = "^ab"
+
+
+class BigramLM(LanguageModel):
+    """The smallest custom LanguageModel: a bigram table, with EOS."""
+
+    eos_token_id = 3
+
+    def next_token_logprobs(self, contexts):
+        return torch.log(torch.as_tensor(BIGRAM[[c[-1] for c in contexts]]))
+
+    def encode(self, text):
+        return [CHARS.index(ch) for ch in text]
+
+    def decode(self, ids):
+        return "".join(CHARS[i] for i in ids if i in (1, 2))
+
+
+class ABReward:
+    """Rewards prefixes with many a's; a finished generation ending in "b" gets a bonus."""
+
+    def score(self, partials, finished):
+        return np.array([0.6 * p.completion.count("a") - 0.4 * p.completion.count("b")
+                         + (0.9 if f and p.completion.endswith("b") else 0.0)
+                         for p, f in zip(partials, finished)])
+
+
+def exact_posterior(T, temperature, target, lam):
+    """π(steps) ∝ base(x) exp(lam r(x)) over every generation of at most T one-token steps."""
+    q = BIGRAM ** (1.0 / temperature)
+    q = q / q.sum(1, keepdims=True)
+    base = BIGRAM if target == "model" else q
+    reward = ABReward()
+    post = {}
+    for k in range(1, T + 1):
+        for toks in itertools.product([1, 2, 3], repeat=k):
+            if 3 in toks[:-1] or (k < T and toks[-1] != 3):
+                continue  # EOS only at the end; without EOS the generation runs to T steps
+            prev, prob = 0, 1.0
+            for t in toks:
+                prob, prev = prob * base[prev, t], t
+            steps = tuple(CHARS[t] if t != 3 else "" for t in toks)
+            from ppl_scaling.models.types import Partial
+            r = reward.score([Partial("^", steps, True)], np.array([True]))[0]
+            post[steps] = prob * np.exp(lam * r)
+    Z = sum(post.values())
+    return {s: v / Z for s, v in post.items()}, Z
+
+
+def check_smc_against_enumeration(R, N, T, *, temperature, target, shape, lam, ess_threshold, seed):
+    post, Z = exact_posterior(T, temperature, target, lam)
+    keys = {s: i for i, s in enumerate(post)}
+    fk = StepModel(BigramLM(), "^", ABReward(), step_delimiter=None, max_steps=T, temperature=temperature,
+                   shape=shape, lam=lam, target=target)
+    rng = np.random.default_rng(seed)
+    ratio, mass = np.zeros(R), np.zeros((R, len(keys)))
+    lengths = set()
+    for r in range(R):
+        res = pps.smc(fk, N, ess_threshold=ess_threshold, rng=rng)
+        ratio[r] = np.exp(res.log_evidence - np.log(Z))
+        for w, s in zip(res.weights, res.particles.steps):
+            mass[r, keys[s]] += ratio[r] * w
+            lengths.add(len(s))
+    assert len(lengths) > 2, "finished particles should have different lengths"
+    se = ratio.std(ddof=1) / np.sqrt(R)
+    assert abs(ratio.mean() - 1.0) < 4.5 * se, (ratio.mean(), se)
+    pi = np.array(list(post.values()))
+    est, est_se = mass.mean(0), mass.std(0, ddof=1) / np.sqrt(R)
+    big = pi > 0.01
+    z = (est[big] - pi[big]) / est_se[big]
+    assert np.abs(z).max() < 4.5, (z, pi[big])
+
+
+def test_smc_matches_enumerated_posterior_and_unbiased_evidence():
+    check_smc_against_enumeration(R=300, N=16, T=4, temperature=1.0, target="tempered", shape="difference",
+                                  lam=1.0, ess_threshold=0.5, seed=0)
+
+
+def test_temperature_correction_targets_the_model():
+    """Sampling at τ = 0.6 with target="model" weights by p / q_τ: the posterior is p · exp(r)."""
+    check_smc_against_enumeration(R=300, N=16, T=4, temperature=0.6, target="model", shape="max",
+                                  lam=1.0, ess_threshold=1.0, seed=1)
+
+
+def test_tempered_target_without_correction():
+    """target="tempered" (the PF paper's choice): the posterior is q_τ · exp(r)."""
+    check_smc_against_enumeration(R=300, N=16, T=3, temperature=0.6, target="tempered", shape="difference",
+                                  lam=0.5, ess_threshold=1.0, seed=2)
+
+
+def test_plain_sampling_and_counters():
+    fk = StepModel(BigramLM(), "^", step_delimiter=None, max_steps=5)
+    res = pps.smc(fk, 64, ess_threshold=0.0, seed=0)
+    np.testing.assert_array_equal(res.log_weights, 0.0)
+    assert res.log_evidence == pytest.approx(0.0)
+    x = res.particles
+    assert res.compute["tokens"] == x.num_tokens.sum()
+    assert res.compute["reward_calls"] == 0
+    assert res.compute["forward_passes"] >= 5
+    assert all(p.finished for p in x.partials())
+    assert fk.texts(x)[0] == "^" + x.completions()[0]
+
+
+def test_delimiter_never_produced_gives_max_token_steps():
+    fk = StepModel(BigramLM(), "^", step_delimiter="\n", max_steps=3, max_step_tokens=2)
+    x = pps.smc(fk, 32, seed=0).particles
+    for steps, ids in zip(x.steps, x.token_ids):
+        assert all(len(s) == 2 for s in steps[:-1])  # 2 tokens, no delimiter
+        assert len(ids) in (2 * len(steps) - 1, 2 * len(steps))
+        assert ids[-1] == 3 or (len(steps) == 3 and len(ids) == 6)  # EOS, or cut at max_steps
+
+
+def test_stop_pattern_ends_particles():
+    fk = StepModel(BigramLM(), "^", step_delimiter=None, max_steps=10, stop=r"bb")
+    x = pps.smc(fk, 64, seed=0).particles
+    for c, ids, f in zip(x.completions(), x.token_ids, x.finished):
+        assert f
+        assert c.endswith("bb") or ids[-1] == 3 or len(ids) == 10
+        assert "bb" not in c[:-1]
+
+
+def test_bad_inputs():
+    lm = BigramLM()
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        StepModel(lm, "")
+    with pytest.raises(ValueError, match="step_delimiter"):
+        StepModel(lm, "^", step_delimiter="")
+    with pytest.raises(ValueError, match="temperature"):
+        StepModel(lm, "^", temperature=0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        StepModel(lm, "^", max_steps=0)
+    with pytest.raises(ValueError, match="target"):
+        StepModel(lm, "^", target="posterior")
+    with pytest.raises(TypeError, match="potential"):
+        StepModel(lm, "^", potential=3.0)
+    nan = StepModel(lm, "^", potential=lambda ps: np.full(len(ps), np.nan), step_delimiter=None)
+    with pytest.raises(PotentialError, match="NaN"):
+        pps.smc(nan, 4, seed=0)
+    wrong = StepModel(lm, "^", potential=lambda ps: np.zeros(len(ps) + 1), step_delimiter=None)
+    with pytest.raises(PotentialError, match="shape"):
+        pps.smc(wrong, 4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return HFLanguageModel.from_pretrained(build_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def test_resampling_keeps_kv_caches_with_their_particles(tiny_lm):
+    """SMC resampling at every step on the KV-cached model: each final particle's
+    accumulated log p equals a full recompute of its token sequence."""
+    reward = lambda ps: np.array([p.completion.count("a") - 0.5 * p.completion.count("c") for p in ps])  # noqa: E731
+    fk = StepModel(tiny_lm, "ab", reward, step_delimiter="\n", max_steps=5, max_step_tokens=5,
+                   temperature=0.8, lam=1.5)
+    res = pps.smc(fk, 8, ess_threshold=1.0, seed=0, store_history=True)
+    x = res.particles
+    assert res.resampled[1:].all() and len(set(res.ancestors[1].tolist())) < 8
+    prompt = fk.prompt_ids
+    for ids, lp in zip(x.token_ids, x.log_p):
+        ctx = [prompt + list(ids[:k]) for k in range(len(ids))]
+        full = tiny_lm.next_token_logprobs(ctx)[torch.arange(len(ids)), torch.as_tensor(ids)].double().sum()
+        assert lp == pytest.approx(float(full), abs=1e-4)
+    assert len(set(x.num_tokens.tolist())) > 1
