@@ -1,0 +1,380 @@
+"""Reward models as potentials (PRMs on tiny random HF models, ORMs, verifiers, judges)
+and answer extraction / equivalence."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_scaling.errors import PotentialError
+from ppl_scaling.models.answers import extract_answer, extract_boxed, is_equivalent, normalize_answer
+from ppl_scaling.models.rewards import (
+    HFStepScorer, LLMJudge, OutcomeRewardModel, ProcessRewardModel, Verifier, Weighting, transform_log_p,
+)
+from ppl_scaling.models.types import Partial
+from ppl_scaling.potentials import Potential, check_potential
+from ppl_scaling.shapes import FKShape
+
+Q = "Q:1+2\n"
+
+
+def step_prefixes(x):
+    return [Partial(x.prompt, x.steps[:k]) for k in range(len(x.steps))]
+
+
+# --- answers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, answer", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{a^{2}}{b_{1}}} and more", "\\frac{a^{2}}{b_{1}}"),
+    ("first \\boxed{3} then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed 5", "5"),
+    ("24+5=29\nA:29\n", "29"),
+    ("Q: 1+2\n1+2=3\nA: 3", "3"),
+    ("The answer is $12$.", "12"),
+    ("Thus the answer is \\boxed{7}.", "7"),
+    ("no answer here", None),
+    ("unclosed \\boxed{3", None),
+    ("A:\n", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_extract_custom_regex_and_boxed():
+    assert extract_answer("Final: 42 units; Final: 43", r"Final:\s*(\d+)") == "43"
+    assert extract_answer("value=7", r"\d+") == "7"
+    assert extract_answer("nothing", r"Final:(\d+)") is None
+    assert extract_boxed("\\fbox{x}") == "x"
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("\\frac{1}{2}", "0.5", True), ("1/2", "0.5", True), ("\\dfrac12", "\\frac{1}{2}", True),
+    ("24", "24.0", True), ("1,000", "1000", True), ("1,2", "12", False), ("3", "4", False),
+    ("0.333", "1/3", False), ("x+1", "1+x", True), ("\\sqrt{2}/2", "\\frac{\\sqrt 2}{2}", True),
+    ("\\text{(B)}", "(B)", True), ("$5$.", "5", True), (None, "3", False), ("", "", False),
+])
+def test_is_equivalent(a, b, same):
+    assert is_equivalent(a, b) is same
+
+
+def test_normalize_answer():
+    assert normalize_answer(" $\\left( 1, 2 \\right)$. ") == "(1,2)"
+
+
+# --- PRM aggregation and caching on a fake scorer -----------------------------------
+
+P_STEP = {"a\n": 0.9, "b\n": 0.5, "c\n": 0.2, "a\nb\nc\n": 0.3}
+
+
+class FakeScorer:
+    """p(step) from a table, independent of the context; records what it is asked."""
+
+    name = "fake"
+
+    def __init__(self, table=P_STEP):
+        self.table, self.requests = table, []
+
+    def __call__(self, requests):
+        self.requests.extend(requests)
+        return [np.array([self.table[s] for s in steps[first:]]) for _, steps, first in requests]
+
+
+ABC = Partial(Q, ("a\n", "b\n", "c\n"))
+
+
+@pytest.mark.parametrize("aggregation, p", [
+    ("last", 0.2), ("min", 0.2), ("prod", 0.9 * 0.5 * 0.2), ("model", 0.3),
+])
+@pytest.mark.parametrize("transform", ["log", "logit", "p"])
+def test_prm_aggregation_and_transform(aggregation, p, transform):
+    prm = ProcessRewardModel(FakeScorer(), aggregation=aggregation, transform=transform)
+    expect = {"log": math.log(p), "logit": math.log(p / (1 - p)), "p": p}[transform]
+    np.testing.assert_allclose(prm.score([ABC, Partial(Q)]), [expect, 0.0])
+
+
+def test_prm_min_differs_from_last():
+    prm = ProcessRewardModel(FakeScorer(), aggregation="min", transform="p")
+    np.testing.assert_allclose(prm.score([Partial(Q, ("c\n", "a\n"))]), [0.2])
+
+
+def test_logit_transform_clips():
+    r = transform_log_p(np.array([-np.inf, 0.0, np.log(0.5)]), "logit")
+    np.testing.assert_allclose(r, [math.log(1e-7 / (1 - 1e-7)), -math.log(1e-7 / (1 - 1e-7)), 0.0])
+
+
+def test_prm_scores_each_prefix_once():
+    scorer = FakeScorer()
+    prm = ProcessRewardModel(scorer)
+    prm.score([Partial(Q, ("a\n",)), Partial(Q, ("a\n",))])
+    prm.score([Partial(Q, ("a\n", "b\n")), Partial(Q, ("a\n", "b\n")), Partial(Q, ("a\n", "c\n"))])
+    prm.score([Partial(Q, ("b\n",)), Partial(Q, ("b\n", "c\n"))])  # nested: one request
+    prm.configured(aggregation="prod").score([ABC])
+    assert scorer.requests == [
+        (Q, ("a\n",), 0),
+        (Q, ("a\n", "b\n"), 1), (Q, ("a\n", "c\n"), 1),
+        (Q, ("b\n", "c\n"), 0),
+        (Q, ("a\n", "b\n", "c\n"), 2),
+    ]
+    prm.clear_cache()
+    prm.score([ABC])
+    assert scorer.requests[-1] == (Q, ABC.steps, 0)
+
+
+def test_prm_contract_and_errors():
+    prm = ProcessRewardModel(FakeScorer(), aggregation="prod")
+    xs = [ABC, Partial(Q, ("b\n",)), Partial(Q)]
+    check_potential(prm, xs, prefixes=step_prefixes)
+    with pytest.raises(ValueError, match="aggregation"):
+        ProcessRewardModel(FakeScorer(), aggregation="mean")
+    with pytest.raises(TypeError, match="Partial"):
+        prm.score(["a string"])
+    wrong = ProcessRewardModel(lambda reqs: [np.zeros(5) for _ in reqs])
+    with pytest.raises(PotentialError, match="5 scores for 3 new steps"):
+        wrong.score([ABC])
+
+
+# --- tiny random Hugging Face PRMs, saved and loaded through from_pretrained ------
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "0123456789+-=:QA\n abc?"
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<extra_0>"] + list(chars))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<extra_0>"])
+
+
+def _save_tiny(path, cls_name, pad_token_id=0, num_labels=2):
+    import transformers
+
+    tok = _tokenizer()
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        num_labels=num_labels, pad_token_id=pad_token_id, architectures=[cls_name])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = getattr(transformers, cls_name)(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prms")
+    specs = {"token": ("LlamaForTokenClassification", 0), "seq": ("LlamaForSequenceClassification", 0),
+             "seq_nopad": ("LlamaForSequenceClassification", None), "lm": ("LlamaForCausalLM", 0)}
+    return {k: (root / k, *_save_tiny(root / k, cls, pad)) for k, (cls, pad) in specs.items()}
+
+
+XS = [Partial(Q, ("1+2=3\n",)), Partial(Q, ("1+2=3\n", "A:3\n")), Partial(Q, ("1+2=4\n", "A:4\n", "c\n")),
+      Partial(Q)]
+
+
+def _probs(logits):
+    return torch.softmax(logits.float(), -1)[..., 1].numpy()
+
+
+def test_separator_prm_matches_a_manual_forward(tiny):
+    path, model, tok = tiny["token"]
+    prm = ProcessRewardModel.from_pretrained(path, aggregation="min", transform="p")
+    assert prm.scorer.mode == "separator"
+    text = Q.rstrip("\n") + "\n1+2=4<extra_0>A:4<extra_0>c<extra_0>"
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    expect = _probs(logits[ids[0] == tok.convert_tokens_to_ids("<extra_0>")])
+    np.testing.assert_allclose(prm.step_scores([XS[2]])[0], expect, rtol=1e-5)
+    np.testing.assert_allclose(prm.score([XS[2]]), [expect.min()], rtol=1e-5)
+    check_potential(prm, XS, prefixes=step_prefixes, atol=1e-5, rtol=1e-5)
+
+
+def test_separator_prm_scores_new_prefixes_only(tiny):
+    prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
+    prm.score(XS[:1] * 3)
+    assert prm.counters()["reward_sequences"] == 1
+    prm.score(XS)
+    assert prm.counters()["reward_sequences"] == 3  # the 2- and 3-step prefixes; 0 steps needs no model
+    prm.score(XS)
+    assert prm.counters() == {"reward_sequences": 3, "reward_forward_passes": 2}
+
+
+def test_model_aggregation_reads_the_completion_as_one_step(tiny):
+    path, model, tok = tiny["token"]
+    prm = ProcessRewardModel.from_pretrained(path, aggregation="model", transform="log")
+    ids = torch.tensor([tok(Q.rstrip("\n") + "\n" + XS[1].completion.strip() + "<extra_0>")["input_ids"]])
+    with torch.no_grad():
+        expect = np.log(_probs(model(input_ids=ids).logits[0, -1]))
+    np.testing.assert_allclose(prm.score(XS[1:2]), [expect], rtol=1e-5)
+
+
+def test_lm_head_prm_with_candidate_tokens(tiny):
+    path, model, tok = tiny["lm"]
+    prm = ProcessRewardModel.from_pretrained(path, candidate_tokens=("a", "b"), transform="p")
+    ids = torch.tensor([tok(Q.rstrip("\n") + "\n1+2=3<extra_0>")["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    expect = torch.softmax(logits[[a, b]], -1)[0].item()
+    np.testing.assert_allclose(prm.score(XS[:1]), [expect], rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["seq", "seq_nopad"])
+def test_classifier_prm_scores_each_step_prefix(tiny, which):
+    path, model, tok = tiny[which]
+    prm = ProcessRewardModel.from_pretrained(path, aggregation="prod", transform="log")
+    assert prm.scorer.mode == "classifier"
+    x = XS[2]
+    expect = []
+    for k in range(1, 4):
+        ids = torch.tensor([tok(Q + "".join(x.steps[:k]))["input_ids"]])
+        with torch.no_grad():
+            expect.append(_probs(model(input_ids=ids).logits[0]))
+    np.testing.assert_allclose(prm.step_scores([x])[0], expect, rtol=1e-5)
+    np.testing.assert_allclose(prm.score([x]), [np.log(expect).sum()], rtol=1e-5)
+    check_potential(prm, XS, prefixes=step_prefixes, atol=1e-5, rtol=1e-5)
+    assert prm.counters()["reward_sequences"] == 5  # the 5 distinct step prefixes of XS, once each
+    if which == "seq_nopad":  # loaded with the tokenizer's pad id; without one, one text per forward
+        assert prm.scorer.model.config.pad_token_id == tok.pad_token_id
+        model.config.pad_token_id = None
+        bare = ProcessRewardModel(HFStepScorer(model, tok, mode="classifier"), aggregation="prod")
+        np.testing.assert_allclose(bare.score(XS), prm.score(XS), rtol=1e-5)
+        assert bare.scorer.forward_passes == 5
+
+
+def test_prm_nan_names_model_and_step(tiny):
+    prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
+    with torch.no_grad():
+        prm.scorer.model.score.weight.fill_(float("nan"))
+    with pytest.raises(PotentialError, match=r"PRM token returned NaN at step 0"):
+        prm.score(XS[:1])
+
+
+def test_prm_bad_inputs(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ProcessRewardModel.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a single token"):
+        ProcessRewardModel.from_pretrained(tiny["token"][0], separator="<step>")
+    prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
+    with pytest.raises(ValueError, match="must not contain the separator"):
+        prm.score([Partial(Q, ("1<extra_0>2\n",))])
+
+
+def test_toy_prm_loads_and_scores():
+    toy = pytest.importorskip("ppl_scaling.models.toy")
+    if not (toy.TOY_PRM_PATH / "config.json").exists():
+        pytest.skip("toy PRM not trained yet (make toy-models)")
+    prm = ProcessRewardModel.from_pretrained(toy.TOY_PRM_PATH, aggregation="last", transform="p")
+    assert prm.scorer.mode == "classifier"
+    q = "Q:24+5-4\n"
+    good = Partial(q, ("24+5=29\n", "29-4=25\n", "A:25\n"))
+    bad = Partial(q, ("24+5=31\n", "31-4=27\n", "A:27\n"))
+    p = prm.score([good, bad, Partial(q, good.steps[:1])])
+    assert ((p > 0) & (p < 1)).all()
+    assert p[0] > p[1]
+
+
+# --- outcome rewards, verifiers, judges, products --------------------------------
+
+def test_outcome_reward_model_scores_finished_only():
+    orm = OutcomeRewardModel(ProcessRewardModel(FakeScorer(), aggregation="model"))
+    np.testing.assert_allclose(orm.score([ABC, ABC], np.array([False, True])), [0.0, math.log(0.3)])
+    fn_orm = OutcomeRewardModel(lambda xs: [len(x.steps) for x in xs])
+    np.testing.assert_array_equal(fn_orm.score([ABC], True), [3.0])
+
+
+def test_verifier():
+    has_answer = Verifier(lambda s: extract_answer(s) is not None)
+    done = Partial(Q, ("1+2=3\n", "A:3\n"))
+    open_ = Partial(Q, ("1+2=3\n",))
+    np.testing.assert_array_equal(has_answer.score([done, open_], True), [0.0, -np.inf])
+    np.testing.assert_array_equal(has_answer.score([done, open_], False), [0.0, 0.0])
+    soft = Verifier(lambda s: "A:" in s, penalty=-2.0, on_prefix=True)
+    np.testing.assert_array_equal(soft.score([done, open_]), [0.0, -2.0])
+    length = Verifier(lambda s: -0.1 * len(s), text="full")
+    np.testing.assert_allclose(length.score([open_], True), [-0.1 * len(open_.text)])
+    with pytest.raises(ValueError, match="penalty"):
+        Verifier(bool, penalty=math.inf)
+    correct = Verifier(lambda s: is_equivalent(extract_answer(s), "3"))
+    check_potential(correct, [done, open_, Partial(Q, ("A:4\n",))], prefixes=step_prefixes)
+
+
+class CharLM:
+    """A fake language model over characters: log p(next | context) depends on the
+    last character only (a fixed random bigram table)."""
+
+    def __init__(self, bos=True):
+        self.vocab = sorted(set("QA:0123456789+-=\n? YesNoIthiscr.uwvab")) + ["<bos>"]
+        self.bos = bos
+        rng = np.random.default_rng(0)
+        V = len(self.vocab)
+        self.table = torch.log_softmax(torch.tensor(rng.normal(size=(V, V))), -1)
+        self.calls = 0
+
+    def encode(self, text):
+        return [self.vocab.index("<bos>")] * self.bos + [self.vocab.index(c) for c in text]
+
+    def next_token_logprobs(self, contexts):
+        self.calls += 1
+        return self.table[[c[-1] for c in contexts]]
+
+
+def test_llm_judge_yes_probability():
+    lm = CharLM()
+    judge = LLMJudge(lm, template="{prompt}{completion}Is this correct?", no=None)
+    x = Partial(Q, ("1+2=3\n",))
+    ids = lm.encode(judge.template.format(prompt=Q, completion=x.completion) + "Yes")
+    n_ctx = len(ids) - 3
+    expect = sum(lm.table[ids[j - 1], ids[j]].item() for j in range(n_ctx, len(ids)))
+    np.testing.assert_allclose(judge.score([x], True), [expect])
+    np.testing.assert_array_equal(judge.score([x], False), [0.0])
+    # normalised against "No": log P(Yes) - log(P(Yes) + P(No))
+    ids_no = lm.encode(judge.template.format(prompt=Q, completion=x.completion) + "No")
+    lp_no = sum(lm.table[ids_no[j - 1], ids_no[j]].item() for j in range(n_ctx, len(ids_no)))
+    norm = LLMJudge(lm, template=judge.template)
+    np.testing.assert_allclose(norm.score([x, x], True), [expect - np.logaddexp(expect, lp_no)] * 2)
+    calls = lm.calls
+    norm.score([x], True)
+    assert lm.calls == calls  # cached by text
+    check_potential(norm, [x, ABC], finished=np.array([True, True]))
+
+
+def test_products_and_tempering_of_reward_models():
+    prm = ProcessRewardModel(FakeScorer(), aggregation="prod")
+    ver = Verifier(lambda s: s.endswith("c\n"))
+    combo = prm ** 0.5 * ver
+    xs = [ABC, Partial(Q, ("a\n", "b\n"))]
+    np.testing.assert_allclose(combo.score(xs, True), [0.5 * math.log(0.09), -np.inf])
+    np.testing.assert_allclose(combo.score(xs, False), [0.5 * math.log(0.09), 0.5 * math.log(0.45)])
+    assert isinstance(combo, Potential)
+    check_potential(combo, xs, prefixes=step_prefixes)
+
+
+# --- the PF paper's configuration -------------------------------------------------
+
+def test_pf_paper_weighting():
+    prm = ProcessRewardModel(FakeScorer(), aggregation="last")
+    w = Weighting.pf_paper(prm, temperature=0.5)
+    assert w.shape == FKShape("last", 2.0) and w.potential.transform == "logit"
+    assert w.smc_kwargs() == {"ess_threshold": 1.0, "resampling": "multinomial"}
+    assert w.potential._cache is prm._cache  # same model, shared scores
+    # at an intermediate step the selection probabilities are softmax(logit(p_t) / T)
+    xs = [Partial(Q, ("a\n",)), Partial(Q, ("b\n",)), Partial(Q, ("c\n",))]
+    r = w.potential.score(xs)
+    logG, acc = w.shape.step(w.shape.init(3), r)
+    p = np.array([0.9, 0.5, 0.2])
+    odds = (p / (1 - p)) ** 2.0
+    np.testing.assert_allclose(np.exp(logG) / np.exp(logG).sum(), odds / odds.sum())
+    # the final potential makes the product exactly exp(lam * r_final)
+    r2 = w.potential.score([Partial(Q, ("a\n", "b\n"))] * 3)
+    logG2, _ = w.shape.step(acc, r2, final=True)
+    np.testing.assert_allclose(logG + logG2, 2.0 * r2)
+    with pytest.raises(ValueError, match="temperature"):
+        Weighting.pf_paper(prm, temperature=0.0)
+    assert Weighting.shaped(prm, "max", 3.0).shape == FKShape("max", 3.0)
