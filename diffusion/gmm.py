@@ -125,6 +125,9 @@ class GaussianMixture:
         """E[x0 | x_t] under the forward process with ᾱ = ``alpha_bar``; x_t of shape (N, d)."""
         dt = x_t.dtype
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"x_t of shape {tuple(x_t.shape)} does not fit a {self.dim}-dimensional mixture; "
+                             f"use sample_shape=({self.dim},)")
         a, b2 = float(np.sqrt(alpha_bar)), 1.0 - float(alpha_bar)
         mu = torch.as_tensor(self.means, dtype=torch.float64, device=x.device)
         cov = torch.as_tensor(self.covs, dtype=torch.float64, device=x.device)
