@@ -178,9 +178,10 @@ class StepModel(FeynmanKac):
         return x.finished.copy()
 
     def counters(self) -> dict[str, int]:
-        """The language model's ``tokens`` and ``forward_passes``, and ``reward_calls``
-        (partials scored by the potential)."""
-        return {**self.lm.counters(), "reward_calls": self._reward_calls}
+        """The language model's ``tokens`` and ``forward_passes``, ``reward_calls``
+        (partials scored by the potential) and the potential's own ``counters()`` if it has them."""
+        own = getattr(self.potential, "counters", None)
+        return {**self.lm.counters(), "reward_calls": self._reward_calls, **(own() if callable(own) else {})}
 
     # -- reading results -----------------------------------------------------------------
     def partials(self, x: StepState) -> list[Partial]:

@@ -183,9 +183,24 @@ def test_resampling_keeps_kv_caches_with_their_particles(tiny_lm):
     res = pps.smc(fk, 8, ess_threshold=1.0, seed=0, store_history=True)
     x = res.particles
     assert res.resampled[1:].all() and len(set(res.ancestors[1].tolist())) < 8
-    prompt = fk.prompt_ids
-    for ids, lp in zip(x.token_ids, x.log_p):
-        ctx = [prompt + list(ids[:k]) for k in range(len(ids))]
-        full = tiny_lm.next_token_logprobs(ctx)[torch.arange(len(ids)), torch.as_tensor(ids)].double().sum()
-        assert lp == pytest.approx(float(full), abs=1e-4)
+    assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, x)
     assert len(set(x.num_tokens.tolist())) > 1
+
+
+def assert_logp_matches_recompute(lm, prompt_ids, x):
+    for ids, lp in zip(x.token_ids, x.log_p):
+        ctx = [prompt_ids + list(ids[:k]) for k in range(len(ids))]
+        full = lm.next_token_logprobs(ctx)[torch.arange(len(ids)), torch.as_tensor(ids)].double().sum()
+        assert lp == pytest.approx(float(full), abs=1e-4)
+
+
+def test_particle_gibbs_reference_rows_join_the_kv_batch(tiny_lm):
+    """Conditional SMC pins a reference particle from an earlier run into slot 0
+    (``StepState.where``, concatenating KV rows of two runs): log-probs stay exact."""
+    from ppl_scaling.samplers import particle_gibbs
+
+    reward = lambda ps: np.array([p.completion.count("b") for p in ps], dtype=float)  # noqa: E731
+    fk = StepModel(tiny_lm, "ab", reward, step_delimiter="\n", max_steps=4, max_step_tokens=4)
+    out = particle_gibbs(fk, 4, 3, seed=1)
+    for run in out.runs:
+        assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, run.particles)
