@@ -157,7 +157,7 @@ def _save_tiny(path, cls_name, pad_token_id=0, num_labels=2):
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
         num_labels=num_labels, pad_token_id=pad_token_id, architectures=[cls_name])
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = getattr(transformers, cls_name)(cfg).eval()
     model.save_pretrained(path)
@@ -378,3 +378,76 @@ def test_pf_paper_weighting():
     with pytest.raises(ValueError, match="temperature"):
         Weighting.pf_paper(prm, temperature=0.0)
     assert Weighting.shaped(prm, "max", 3.0).shape == FKShape("max", 3.0)
+
+
+# --- the PF paper's weighting drives a StepModel to the tilted target -------------
+
+BIGRAM = np.array([[0.0, 0.5, 0.3, 0.2],   # rows: previous token ^ a b EOS; columns: next token
+                   [0.0, 0.3, 0.4, 0.3],
+                   [0.0, 0.6, 0.15, 0.25],
+                   [0.25, 0.25, 0.25, 0.25]])
+
+
+def _bigram_lm():
+    from ppl_scaling.models.lm import LanguageModel
+
+    class Bigram(LanguageModel):
+        eos_token_id = 3
+
+        def next_token_logprobs(self, contexts):
+            return torch.log(torch.as_tensor(BIGRAM[[c[-1] for c in contexts]]))
+
+        def encode(self, text):
+            return ["^ab".index(ch) for ch in text]
+
+        def decode(self, ids):
+            return "".join("^ab"[i] for i in ids if i in (1, 2))
+
+    return Bigram()
+
+
+def _p_good(text):  # a PRM that likes a's: p = sigmoid(#a - #b - 0.5)
+    return 1.0 / (1.0 + math.exp(-(text.count("a") - text.count("b") - 0.5)))
+
+
+class PrefixScorer:
+    name = "prefix"
+
+    def __call__(self, requests):
+        return [np.array([_p_good("".join(steps[:j + 1])) for j in range(first, len(steps))])
+                for _, steps, first in requests]
+
+
+def test_pf_paper_weighting_targets_the_odds_tilted_model():
+    import itertools
+
+    from ppl_scaling import smc
+    from ppl_scaling.models.step import StepModel
+
+    T, temperature = 3, 0.5
+    w = Weighting.pf_paper(ProcessRewardModel(PrefixScorer()), temperature=temperature)
+    # exact: Z = Σ_x p(x) (p_good(x) / (1 - p_good(x)))^(1/temperature), and E[#a] under the target
+    Z, mean_a = 0.0, 0.0
+    for k in range(1, T + 1):
+        for toks in itertools.product([1, 2, 3], repeat=k):
+            if 3 in toks[:-1] or (k < T and toks[-1] != 3):
+                continue
+            prob = np.prod([BIGRAM[a, b] for a, b in zip((0,) + toks[:-1], toks)])
+            text = "".join("^ab"[t] for t in toks if t != 3)
+            odds = _p_good(text) / (1 - _p_good(text))
+            Z += prob * odds ** (1 / temperature)
+            mean_a += prob * odds ** (1 / temperature) * text.count("a")
+    mean_a /= Z
+    fk = StepModel(_bigram_lm(), "^", w.potential, step_delimiter=None, max_steps=T,
+                   shape=w.shape.name, lam=w.shape.lam)
+    Zs, means = [], []
+    for seed in range(20):
+        res = smc(fk, 400, seed=seed, **w.smc_kwargs())
+        Zs.append(np.exp(res.log_evidence))
+        counts = np.array([p.completion.count("a") for p in res.particles.partials()])
+        means.append(float(res.weights @ counts))
+    assert all(res.resampled[1:])  # resampling at every step
+    se = np.std(Zs, ddof=1) / np.sqrt(len(Zs))
+    assert abs(np.mean(Zs) - Z) < 5 * se, (np.mean(Zs), Z, se)   # unbiased evidence
+    se = np.std(means, ddof=1) / np.sqrt(len(means))
+    assert abs(np.mean(means) - mean_a) < 5 * se, (np.mean(means), mean_a, se)  # bias O(1/N) << se
