@@ -170,7 +170,8 @@ class Potential:
 
         ``fn(xs)`` gives the prefix log-values of a batch (numpy, list, torch; booleans
         mean accept / reject); ``complete`` defaults to ``fn``. With ``batched=False``
-        the functions take one value and are mapped over the batch.
+        the functions take one value (an element of a list batch; for array batches,
+        a batch of one) and are mapped over the batch.
         """
         return CallablePotential(fn, complete, batched=batched, name=name)
 

@@ -248,6 +248,17 @@ def test_classifier_prm_scores_each_step_prefix(tiny, which):
         assert bare.scorer.forward_passes == 5
 
 
+def test_separator_format_uses_the_chat_template(tiny):
+    _, model, tok = tiny["token"]
+    tok = _tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")
+    scorer = HFStepScorer(model, tok, mode="separator", system_prompt="be good")
+    assert scorer.format("Q?", ["a\n\n", " b\n\n"]) == \
+        "<system>be good\n<user>Q?\n<assistant>a<extra_0>b<extra_0>\n"
+    plain = HFStepScorer(model, _tokenizer(), mode="separator")
+    assert plain.format("Q?\n", ["a\n\n", "b\n"]) == "Q?\na<extra_0>b<extra_0>"
+
+
 def test_prm_nan_names_model_and_step(tiny):
     prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
     with torch.no_grad():
