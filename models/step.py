@@ -216,6 +216,9 @@ class StepModel(FeynmanKac):
             for k in acc:
                 acc[k][act] = new[k]
         if self.target == "model":
+            if np.isnan(s.log_p).any():
+                raise ValueError(f"{type(self.lm).__name__} did not report the model's log-probabilities "
+                                 "(log_p is NaN), which target='model' needs; use target='tempered'")
             logG[act] += s.log_p - s.log_q
         finished, log_p, log_q = xp.finished.copy(), xp.log_p.copy(), xp.log_q.copy()
         finished[act] = fin

@@ -19,6 +19,7 @@ from ppl_scaling.errors import PotentialError
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.lm import LanguageModel
 from ppl_scaling.models.step import StepModel
+from ppl_scaling.models.types import Partial
 from tiny_llama import build_tiny_llama
 
 # Tokens: 0 = "^" (BOS), 1 = "a", 2 = "b", 3 = EOS. Row = previous token.
@@ -68,7 +69,6 @@ def exact_posterior(T, temperature, target, lam):
             for t in toks:
                 prob, prev = prob * base[prev, t], t
             steps = tuple(CHARS[t] if t != 3 else "" for t in toks)
-            from ppl_scaling.models.types import Partial
             r = reward.score([Partial("^", steps, True)], np.array([True]))[0]
             post[steps] = prob * np.exp(lam * r)
     Z = sum(post.values())
@@ -204,3 +204,17 @@ def test_particle_gibbs_reference_rows_join_the_kv_batch(tiny_lm):
     out = particle_gibbs(fk, 4, 3, seed=1)
     for run in out.runs:
         assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, run.particles)
+
+
+
+class NoModelLogprobs(BigramLM):
+    def sample_steps(self, contexts, **kw):
+        s = super().sample_steps(contexts, **kw)
+        s.log_p[:] = np.nan
+        return s
+
+
+def test_target_model_needs_model_logprobs():
+    pps.smc(StepModel(NoModelLogprobs(), "^", step_delimiter=None, max_steps=2), 4, seed=0)  # tempered: fine
+    with pytest.raises(ValueError, match="target='tempered'"):
+        pps.smc(StepModel(NoModelLogprobs(), "^", step_delimiter=None, max_steps=2, target="model"), 4, seed=0)
