@@ -137,9 +137,10 @@ class HFStepScorer:
         return prompt.rstrip("\n") + "\n" + answer
 
     # -- the forward ---------------------------------------------------------------
-    def _logits(self, texts: list[str]) -> list[Any]:
-        """Model logits per text: (L, C) per token for ``separator``, (C,) for ``classifier``;
-        plus the token ids. Batched, right-padded with an attention mask."""
+    def _rows(self, texts: list[str]) -> list[tuple[Any, list[int]]]:
+        """Per text: the logit rows the scores are read from — (#separators, C) at the
+        separator tokens for ``separator``, (1, C) pooled for ``classifier`` — and the
+        token ids. Texts are batched by length, right-padded with an attention mask."""
         import torch
 
         ids = [self.tokenizer(t)["input_ids"] for t in texts]
@@ -151,23 +152,27 @@ class HFStepScorer:
         pad_id = getattr(self.model.config, "pad_token_id", None)
         # sequence classifiers pool the last non-pad token: without a pad id, one text per forward
         size = 1 if self.mode == "classifier" and pad_id is None else self.batch_size
-        groups = [list(range(s, min(s + size, len(ids)))) for s in range(0, len(ids), size)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[Any] = [None] * len(ids)
         device = next(self.model.parameters()).device
-        for g in groups:
-            width = max(len(ids[i]) for i in g)
-            input_ids = torch.full((len(g), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-            mask = torch.zeros((len(g), width), dtype=torch.long)
+        for s in range(0, len(order), size):
+            g = order[s:s + size]
+            input_ids = torch.full((len(g), len(ids[g[-1]])), 0 if pad_id is None else pad_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
             for r, i in enumerate(g):
                 input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
                 mask[r, :len(ids[i])] = 1
             with torch.no_grad():
                 res = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-            logits = (res.logits if hasattr(res, "logits") else res[0]).float().cpu()
+            logits = res.logits if hasattr(res, "logits") else res[0]
             self.forward_passes += 1
             self.sequences += len(g)
             for r, i in enumerate(g):
-                out[i] = logits[r, :len(ids[i])] if self.mode == "separator" else logits[r]
+                if self.mode == "separator":
+                    pos = [k for k, tok in enumerate(ids[i]) if tok == self.separator_id]
+                    out[i] = logits[r, pos].float().cpu()
+                else:
+                    out[i] = logits[r:r + 1].float().cpu()
         return list(zip(out, ids))
 
     def _prob_good(self, logits: Any) -> np.ndarray:
@@ -184,17 +189,16 @@ class HFStepScorer:
         if self.mode == "separator":
             texts = [self.format(prompt, steps) for prompt, steps, _ in requests]
             results = []
-            for (prompt, steps, first), (logits, ids) in zip(requests, self._logits(texts)):
-                pos = [k for k, tok in enumerate(ids) if tok == self.separator_id]
-                if len(pos) != len(steps):
+            for (prompt, steps, first), (rows, _) in zip(requests, self._rows(texts)):
+                if len(rows) != len(steps):
                     raise ValueError(
-                        f"PRM {self.name}: found {len(pos)} separators {self.separator!r} for {len(steps)} steps; "
+                        f"PRM {self.name}: found {len(rows)} separators {self.separator!r} for {len(steps)} steps; "
                         "a step must not contain the separator (and the format must put one after each step)")
-                results.append(self._checked(self._prob_good(logits[pos[first:]]), prompt, first))
+                results.append(self._checked(self._prob_good(rows[first:]), prompt, first))
             return results
         jobs = [(r, j) for r, (_, _, first) in enumerate(requests) for j in range(first, len(requests[r][1]))]
         texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
-        probs = self._prob_good(_stack([lg for lg, _ in self._logits(texts)])) if texts else np.zeros(0)
+        probs = self._prob_good(_cat([rows for rows, _ in self._rows(texts)])) if texts else np.zeros(0)
         results, k = [], 0
         for prompt, steps, first in requests:
             n = len(steps) - first
@@ -214,10 +218,10 @@ def _format_plain(prompt: str, steps: Sequence[str]) -> str:
     return prompt + "".join(steps)
 
 
-def _stack(rows: list[Any]) -> Any:
+def _cat(rows: list[Any]) -> Any:
     import torch
 
-    return torch.stack(rows)
+    return torch.cat(rows)
 
 
 def _load_hf(path: str | Path, kind: str, device: str, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any, str]:
