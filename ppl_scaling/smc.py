@@ -32,7 +32,7 @@ from .resampling import Scheme, get_scheme
 from .result import SMCResult
 from .rng import as_generator
 from .state import num_particles, take, where
-from .weights import ess, logsumexp, normalise
+from .weights import summarise
 
 
 def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarray:
@@ -44,12 +44,13 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
         raise PotentialError(
             f"{what} at step t={t} returned shape {arr.shape}; expected ({N},), one log potential per particle"
         )
-    if np.isnan(arr).any():
+    top = np.max(arr)  # NaN if any entry is NaN
+    if np.isnan(top):
         raise PotentialError(
             f"{what} at step t={t} returned NaN for {int(np.isnan(arr).sum())} of {N} particles; "
             "return -inf to reject a particle, or fix the reward model"
         )
-    if np.isposinf(arr).any():
+    if top == np.inf:
         raise PotentialError(f"{what} at step t={t} returned +inf; log potentials must be finite or -inf")
     return arr
 
@@ -101,12 +102,13 @@ class SMC:
     def ancestors(self, rng: np.random.Generator, W: np.ndarray) -> np.ndarray:
         return self.scheme(rng, W)
 
-    def time_to_resample(self, t: int, lw: np.ndarray) -> bool:
+    def time_to_resample(self, t: int, ess: float) -> bool:
+        """Resample at the start of step t, given the ESS of the current weights?"""
         if self.resample_at is not None:
             return t in self.resample_at
         if self.ess_threshold <= 0.0:
             return False
-        return self.ess_threshold >= 1.0 or ess(lw) < self.ess_threshold * self.N
+        return self.ess_threshold >= 1.0 or ess < self.ess_threshold * self.N
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, rng: np.random.Generator) -> SMCResult:
@@ -114,6 +116,7 @@ class SMC:
         counters0 = _counters(fk)
         start = time.perf_counter()
         lw = np.zeros(N)
+        lse, W, ess_now = float(np.log(N)), None, float(N)  # logsumexp(lw), normalised lw, ESS
         done = np.zeros(N, dtype=bool)
         log_Z = 0.0
         ess_trace, resampled, increments = [], [], []
@@ -123,7 +126,7 @@ class SMC:
         x: Any = None
         bar = tqdm(total=self.T, desc="SMC", disable=not self.progress, leave=False)
         for t in range(self.T):
-            A = np.arange(N)
+            A = None  # identity ancestry unless resampled
             did_resample = False
             if t == 0:
                 xp = None
@@ -134,9 +137,10 @@ class SMC:
             else:
                 if done.all():
                     break
-                if self.time_to_resample(t, lw):
-                    A = self.ancestors(rng, normalise(lw))
+                if self.time_to_resample(t, ess_now):
+                    A = self.ancestors(rng, W)
                     x, lw, done = take(x, A), np.zeros(N), done[A]
+                    lse = float(np.log(N))
                     did_resample = True
                 xp = x
                 x = self.move(t, xp, rng)
@@ -146,27 +150,28 @@ class SMC:
             if done.any():
                 lG = np.where(done, 0.0, lG)
             new_lw = lw + lG
-            increment = logsumexp(new_lw) - logsumexp(lw)
+            new_lse, W, ess_now = summarise(new_lw)
+            increment = new_lse - lse
             if increment == -np.inf:
                 raise DegenerateWeightsError(
                     f"all {N} particles have weight zero (logG = -inf) at step t={t} of {type(fk).__name__}. "
                     "Use more particles, a softer potential (finite penalty or tempering), or a proposal "
                     "that respects the constraint."
                 )
-            lw, log_Z = new_lw, log_Z + increment
+            lw, lse, log_Z = new_lw, new_lse, log_Z + increment
             finished = fk.done(t, x) if hasattr(fk, "done") else None
             if finished is not None:
                 finished = np.asarray(finished, dtype=bool)
                 if finished.shape != (N,):
                     raise ValueError(f"{type(fk).__name__}.done at t={t} returned shape {finished.shape}; expected ({N},)")
                 done = done | finished
-            ess_trace.append(ess(lw))
+            ess_trace.append(ess_now)
             resampled.append(did_resample)
             increments.append(increment)
             if self.store_history:
                 history.append(x)
                 lw_history.append(lw)
-                ancestry.append(A)
+                ancestry.append(np.arange(N) if A is None else A)
             bar.update(1)
         bar.close()
         compute = {"wall_s": time.perf_counter() - start, "steps": len(ess_trace), "resamples": int(sum(resampled))}

@@ -31,6 +31,17 @@ def normalise(lw: np.ndarray) -> np.ndarray:
     return w / np.sum(w)
 
 
+def summarise(lw: np.ndarray) -> tuple[float, np.ndarray | None, float]:
+    """``(logsumexp(lw), W, ESS)`` from a single exponentiation; ``(-inf, None, 0)`` if all -inf."""
+    m = np.max(lw)
+    if not np.isfinite(m):
+        return float(m), None, 0.0
+    W = np.exp(lw - m)
+    s = np.sum(W)
+    W /= s
+    return float(m + np.log(s)), W, float(1.0 / np.sum(W * W))
+
+
 def ess(lw: np.ndarray) -> float:
     """Effective sample size 1 / Σ W_i² of log-weights ``lw`` (0 if all -inf)."""
     if not np.isfinite(np.max(lw)):
