@@ -7,7 +7,7 @@ EXTRAS ?= test,llm,diffusion
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test demo install toy-models clean
+.PHONY: test demo install toy-models bench-smc clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: $(STAMP)
 toy-models: $(STAMP)
 	$(PY) scripts/train_toy_lm.py
 	$(PY) scripts/train_toy_diffusion.py
+
+# The SMC core benchmark compares against `particles`, which pins numpy < 2: its own venv.
+benchmarks/.venv-particles:
+	$(PYTHON) -m venv benchmarks/.venv-particles
+	benchmarks/.venv-particles/bin/pip install -q -r benchmarks/requirements-particles.txt
+
+bench-smc: $(STAMP) benchmarks/.venv-particles
+	$(PY) benchmarks/smc_core.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
