@@ -228,9 +228,9 @@ class DiffusionState:
         return int(self.x.shape[0])
 
     def take(self, idx: np.ndarray) -> "DiffusionState":
+        i = torch.as_tensor(idx, device=self.x.device)
         return DiffusionState(
-            x=take(self.x, idx), x0=take(self.x0, idx),
-            model_output=None if self.model_output is None else take(self.model_output, idx),
+            x=self.x[i], x0=self.x0[i], model_output=None if self.model_output is None else self.model_output[i],
             reward=self.reward[idx], acc=take(self.acc, idx), log_potential=self.log_potential[idx],
             cond=None if self.cond is None else take(self.cond, idx))
 

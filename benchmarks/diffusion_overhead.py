@@ -1,0 +1,162 @@
+"""FK steering overhead vs plain batched sampling, and the finite-N bias of the FK shapes.
+
+Part 1 (overhead). The same tiny UNet2DModel (1x8x8, channels 32/64, random weights: the
+cost, not the quality, matters), the same N particles and K DDIM (eta=1) steps:
+
+    plain      x = randn; for t: eps = unet(x, t); x = scheduler.step(eps, t, x)  (a 5-line loop)
+    FK         DiffusionModel + ppl_scaling.smc, resampling at every step (worst case)
+    FK sched   FK's published schedule: resample every 5 loop steps from 5 to 30 (of K), reward only there
+
+"reward excluded" uses a zero-cost reward (engine overhead only); "reward included" a small
+CNN classifier reward on the x0 predictions, against plain sampling + one final reward
+call (best-of-N's cost). Times are process CPU seconds (one torch thread), the median of
+interleaved repeats: on a shared machine CPU time is far less noisy than wall time. A last
+row runs both loops with a zero-cost denoiser: the engine's absolute cost per step.
+
+Part 2 (shape bias). The analytic 1-D mixture 0.5 N(-1.5, .5²) + 0.5 N(1.5, .5²), reward r(x) = x,
+lam = 0.578: the exact tilted right-mode weight is 0.85 (the DDPM sampler's own tilt, the
+reference column, is estimated from 100k base samples). Mean over replicates of the weighted
+right-mode mass for each shape, N and schedule.
+
+    .venv/bin/python benchmarks/diffusion_overhead.py            # both parts
+    .venv/bin/python benchmarks/diffusion_overhead.py --part overhead
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import ppl_scaling as pps
+from ppl_scaling.diffusion.gmm import GaussianMixture, LinearReward
+from ppl_scaling.diffusion.model import DiffusionModel
+from ppl_scaling.diffusion.steering import fk_steering
+
+
+def tiny_unet():
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           layers_per_block=1, norm_num_groups=8).eval()
+
+
+def tiny_classifier():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+                                   torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+
+
+def plain_sampling(unet, scheduler, N, K, seed, reward=None):
+    g = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(K)
+    x = torch.randn((N, 1, 8, 8), generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(x, t)
+            x = scheduler.step(getattr(out, "sample", out), t, x, eta=1.0, generator=g).prev_sample
+        if reward is not None:
+            reward(x)
+    return x
+
+
+def overhead(N: int, K: int, repeats: int) -> None:
+    from diffusers import DDIMScheduler
+
+    from ppl_scaling.diffusion.rewards import ClassifierReward
+
+    unet, sched = tiny_unet(), DDIMScheduler()
+    clf = ClassifierReward(tiny_classifier(), target=3)
+    zero = lambda x: torch.zeros(x.shape[0])  # noqa: E731
+    runs = {
+        "plain": lambda s: plain_sampling(unet, sched, N, K, s),
+        "plain + final reward": lambda s: plain_sampling(unet, sched, N, K, s, clf),
+        "FK, every step, reward excluded": lambda s: fk_steering(unet, sched, (1, 8, 8), zero, num_particles=N, lam=1.0,
+                                                                 num_inference_steps=K, ess_threshold=1.0, seed=s),
+        "FK, every step, reward included": lambda s: fk_steering(unet, sched, (1, 8, 8), clf, num_particles=N, lam=1.0,
+                                                                 num_inference_steps=K, ess_threshold=1.0, seed=s),
+        "FK schedule 5..30/5, reward excluded": lambda s: fk_steering(unet, sched, (1, 8, 8), zero, num_particles=N,
+                                                                      lam=1.0, num_inference_steps=K, resample_every=5,
+                                                                      t_start=5, t_end=30, seed=s),
+        "FK schedule 5..30/5, reward included": lambda s: fk_steering(unet, sched, (1, 8, 8), clf, num_particles=N,
+                                                                      lam=1.0, num_inference_steps=K, resample_every=5,
+                                                                      t_start=5, t_end=30, seed=s),
+    }
+    null = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    runs["plain, zero-cost denoiser"] = lambda s: plain_sampling(null, sched, N, K, s)
+    runs["FK, every step, zero-cost denoiser and reward"] = lambda s: fk_steering(
+        null, sched, (1, 8, 8), zero, num_particles=N, lam=1.0, num_inference_steps=K, ess_threshold=1.0, seed=s)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for name, f in runs.items():  # warm-up
+        f(0)
+    for r in range(repeats):
+        for name, f in runs.items():
+            t0 = time.process_time()
+            f(r)
+            times[name].append(time.process_time() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    base, base_r = med["plain"], med["plain + final reward"]
+    print(f"\n### FK steering overhead: tiny UNet2DModel 1x8x8, N={N}, K={K} DDIM eta=1 steps, "
+          f"median of {repeats}, torch threads={torch.get_num_threads()}\n")
+    print("| run | time (s) | ratio vs plain | ratio vs plain + final reward |")
+    print("| --- | ---: | ---: | ---: |")
+    for k, v in list(med.items())[:-2]:
+        print(f"| {k} | {v:.3f} | {v / base:.3f} | {v / base_r:.3f} |")
+    per_step = (med["FK, every step, zero-cost denoiser and reward"] - med["plain, zero-cost denoiser"]) / K
+    print(f"\nEngine cost per step with a zero-cost denoiser and reward (resampling every step): "
+          f"{1e3 * per_step:.2f} ms more than the plain loop ({1e3 * med['plain, zero-cost denoiser'] / K:.2f} ms/step); "
+          f"the UNet step costs {1e3 * base / K:.2f} ms.")
+
+
+def shape_bias(Ns: list[int], K: int, replicates: int) -> None:
+    from diffusers import DDPMScheduler
+
+    gmm = GaussianMixture.isotropic([0.5, 0.5], [[-1.5], [1.5]], std=0.5)
+    sched, reward, lam = DDPMScheduler(clip_sample=False), LinearReward([1.0]), 0.578
+    exact = gmm.tilt(reward, lam)[0].weights[1]
+    base = pps.smc(DiffusionModel(gmm.denoiser(sched), sched, (1,), num_inference_steps=K, lam=0.0, dtype=torch.float64),
+                   100_000, ess_threshold=0.0, seed=123).particles.x.numpy()
+    u = np.exp(lam * base[:, 0])
+    ref = float(u @ gmm.responsibilities(base)[:, 1] / u.sum())
+    schedules = {"reward every step, ESS < N/2": {"ess_threshold": 0.5},
+                 f"FK sparse: resample every 10 of {K}, reward there": {"resample_every": 10, "t_start": 10}}
+    print(f"\n### Right-mode weight of the steered population (exact data tilt {exact:.3f}, "
+          f"sampler's own tilt {ref:.3f}); mean ± s.e. over {replicates} runs, K={K} DDPM steps\n")
+    print("| schedule | N | difference | max | sum | last |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for sname, kw in schedules.items():
+        for N in Ns:
+            cells = []
+            for potential in ("difference", "max", "sum", "last"):
+                est = []
+                for r in range(replicates):
+                    o = fk_steering(gmm.denoiser(sched), sched, (1,), reward, num_particles=N, lam=lam, potential=potential,
+                                    num_inference_steps=K, dtype=torch.float64, seed=r, **kw)
+                    est.append(float(o.weights @ gmm.responsibilities(o.samples.numpy())[:, 1]))
+                cells.append(f"{np.mean(est):.3f} ± {np.std(est, ddof=1) / np.sqrt(replicates):.3f}")
+            print(f"| {sname} | {N} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["overhead", "bias", "all"], default="all")
+    p.add_argument("--particles", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--replicates", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part in ("overhead", "all"):
+        overhead(args.particles, args.steps, args.repeats)
+    if args.part in ("bias", "all"):
+        shape_bias([64, 256, 1024], 50, args.replicates)
+
+
+if __name__ == "__main__":
+    main()
