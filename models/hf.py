@@ -156,7 +156,7 @@ class HFLanguageModel(LanguageModel):
             eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
         self.eos_token_id = sorted(eos) or None
         self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        self._delimiter_tokens: dict[str, list[bool] | None] = {}
+        self._delimiter_tokens: dict[str, torch.Tensor | None] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
@@ -226,7 +226,7 @@ class HFLanguageModel(LanguageModel):
         self._count(forward_passes=1)
         return KVContexts(ids, _cache_tensors(cache), mask, pending)
 
-    def _may_end(self, delimiter: str) -> list[bool] | None:
+    def _may_end(self, delimiter: str) -> torch.Tensor | None:
         """Per vocabulary id: can this token complete ``delimiter``? (None: check every token.)
         A token that completes it decodes, on its own, to text containing the delimiter's
         last character; the shortcut is skipped for delimiters ending in a space, which
@@ -237,7 +237,8 @@ class HFLanguageModel(LanguageModel):
                 V = self.model.get_output_embeddings().weight.shape[0]
                 n = min(V, len(self.tokenizer))
                 pieces = self.tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
-                table = [delimiter[-1] in s or s == "" or "\ufffd" in s for s in pieces] + [True] * (V - n)
+                may = [delimiter[-1] in s or s == "" or "\ufffd" in s for s in pieces]
+                table = torch.tensor(may + [True] * (V - n))
             self._delimiter_tokens[delimiter] = table
         return self._delimiter_tokens[delimiter]
 
@@ -267,8 +268,8 @@ class HFLanguageModel(LanguageModel):
             li = live.nonzero().squeeze(1)
             tok, log_q, log_p = sample_tokens(logits[li], temperature, generator)
             pending[li], pos[li] = tok, pos[li] + 1
-            check = None if may_end is None else [may_end[t] for t in tok.tolist()]
-            still = rec.add(rows[li].tolist(), tok, log_q, log_p, check)
+            check = None if may_end is None else may_end[tok.cpu()].numpy()
+            still = rec.add(rows[li].cpu().numpy(), tok, log_q, log_p, check)
             live[li] = torch.as_tensor(still, device=self.device)
             if not live.any():
                 break

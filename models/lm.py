@@ -103,21 +103,23 @@ class _StepRecorder:
         self.eos, self.delimited = np.zeros(R, bool), np.zeros(R, bool)
 
     def add(self, rows: Sequence[int], tok: torch.Tensor, log_q: torch.Tensor,
-            log_p: torch.Tensor, check_delimiter: Sequence[bool] | None = None) -> np.ndarray:
+            log_p: torch.Tensor, check_delimiter: np.ndarray | None = None) -> np.ndarray:
         """Record one token for each of ``rows``; returns a bool array: row still generating.
         ``check_delimiter[j] = False`` promises the token cannot complete the delimiter."""
-        tok_l, q_l, p_l = tok.tolist(), log_q.double().cpu().numpy(), log_p.double().cpu().numpy()
-        live = np.ones(len(rows), dtype=bool)
-        for j, (r, t) in enumerate(zip(rows, tok_l)):
+        rows, tok_l = np.asarray(rows, dtype=np.int64), tok.tolist()
+        self.log_q[rows] += log_q.double().cpu().numpy()
+        self.log_p[rows] += log_p.double().cpu().numpy()
+        for r, t in zip(rows.tolist(), tok_l):
             self.ids[r].append(t)
-            self.log_q[r] += q_l[j]
-            self.log_p[r] += p_l[j]
-            if t in self.eos_ids:
-                self.eos[r], live[j] = True, False
-            elif self.delimiter is None:
-                live[j] = False
-            elif (check_delimiter is None or check_delimiter[j]) and self.delimiter in self.lm.decode(self.ids[r]):
-                self.delimited[r], live[j] = True, False
+        live = np.fromiter((t not in self.eos_ids for t in tok_l), dtype=bool, count=len(tok_l))
+        self.eos[rows[~live]] = True
+        if self.delimiter is None:
+            live[:] = False
+        else:
+            candidates = live if check_delimiter is None else live & check_delimiter
+            for j in np.flatnonzero(candidates):
+                if self.delimiter in self.lm.decode(self.ids[rows[j]]):
+                    self.delimited[rows[j]], live[j] = True, False
         self.lm._count(tokens=len(tok_l))
         return live
 
