@@ -9,6 +9,7 @@ with tolerances of 4.5 Monte Carlo standard errors (estimated from the runs).
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ppl_scaling.errors import PotentialError
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.lm import LanguageModel
 from ppl_scaling.models.step import StepModel
+from ppl_scaling.models.toy import TOY_LM_PATH
 from ppl_scaling.models.types import Partial
 from tiny_llama import build_tiny_llama
 
@@ -218,3 +220,26 @@ def test_target_model_needs_model_logprobs():
     pps.smc(StepModel(NoModelLogprobs(), "^", step_delimiter=None, max_steps=2), 4, seed=0)  # tempered: fine
     with pytest.raises(ValueError, match="target='tempered'"):
         pps.smc(StepModel(NoModelLogprobs(), "^", step_delimiter=None, max_steps=2, target="model"), 4, seed=0)
+
+
+@pytest.mark.skipif(not (TOY_LM_PATH / "config.json").exists(), reason="the toy LM is not trained (make toy-models)")
+def test_toy_task_end_to_end():
+    """The bundled toy LM, loaded by path, steered by the exact step checker: well-formed
+    answer lines, and the weighted vote of the particles is the right answer."""
+    from ppl_scaling.models.toy import check_steps, extract_answer, load_split
+
+    lm = HFLanguageModel.from_pretrained(TOY_LM_PATH)
+    problem = next(p for p in load_split("test") if p.difficulty == 3)
+    checker = lambda ps: np.array([0.0 if check_steps(problem.question, p.steps) else -4.0 for p in ps])  # noqa: E731
+    fk = StepModel(lm, problem.prompt, checker, step_delimiter="\n", max_steps=problem.difficulty + 3,
+                   max_step_tokens=16, stop=r"A:-?\d+\n")
+    res = pps.smc(fk, 16, seed=0)
+    x = res.particles
+    assert x.finished.all()
+    line = re.compile(r"(\d+[+-]\d+=\d+|A:-?\d+)\n")
+    assert sum(all(line.fullmatch(s) for s in steps) for steps in x.steps) >= 12
+    votes: dict = {}
+    for w, c in zip(res.weights, x.completions()):
+        votes[extract_answer(c)] = votes.get(extract_answer(c), 0.0) + w
+    assert max(votes, key=votes.get) == problem.answer, votes
+    assert res.compute["tokens"] > 0 and res.compute["reward_calls"] > 0
