@@ -15,6 +15,10 @@ the solution is still correct after it. Two ways to read them from a Hugging Fac
 * ``classifier`` (``AutoModelForSequenceClassification``): p_j = probability of the
   positive label for the text of the prefix ending at step j; one forward per prefix.
 
+A rule-based step checker (``fn(prompt, steps) -> one probability or bool per
+step``, e.g. the toy task's exact checker) is a PRM through
+``ProcessRewardModel.from_function``.
+
 Step scores are cached by (prompt, steps so far), so in SMC each step of each
 particle is scored once, also across resampled copies. Aggregations of the step
 scores of a prefix with K steps: ``last`` p_K, ``min`` min_j p_j, ``prod`` Π_j p_j,
@@ -224,6 +228,23 @@ def _cat(rows: list[Any]) -> Any:
     return torch.cat(rows)
 
 
+class _FunctionScorer:
+    """Step scores from ``fn(prompt, steps) -> one probability per step``."""
+
+    def __init__(self, fn: Callable[[str, tuple[str, ...]], Sequence[float]]):
+        self.fn, self.name = fn, getattr(fn, "__name__", "fn")
+
+    def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
+        out = []
+        for prompt, steps, first in requests:
+            p = np.asarray(self.fn(prompt, steps), dtype=np.float64)
+            if p.shape != (len(steps),):
+                raise PotentialError(f"step checker {self.name} returned {p.size} scores for {len(steps)} steps "
+                                     f"of the prompt {prompt[:60]!r}; return one probability per step")
+            out.append(p[first:])
+        return out
+
+
 def _load_hf(path: str | Path, kind: str, device: str, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any, str]:
     """Load model and tokenizer; ``kind`` auto-detected from the config's architecture."""
     import transformers
@@ -288,6 +309,14 @@ class ProcessRewardModel(Potential):
                               candidate_tokens=candidate_tokens, system_prompt=system_prompt, format=format,
                               batch_size=batch_size, name=Path(str(path)).name)
         return cls(scorer, aggregation=aggregation, transform=transform)
+
+    @classmethod
+    def from_function(cls, fn: Callable[[str, tuple[str, ...]], Sequence[float]], *, aggregation: str = "last",
+                      transform: str = "log", name: str | None = None) -> ProcessRewardModel:
+        """A PRM from a Python step checker: ``fn(prompt, steps)`` gives the probability
+        (or a bool: correct / not) of every step; e.g. an exact checker as a perfect PRM.
+        With ``transform="log"`` a False step rejects the particle (log 0 = -inf)."""
+        return cls(_FunctionScorer(fn), aggregation=aggregation, transform=transform, name=name)
 
     def configured(self, *, aggregation: str | None = None, transform: str | None = None) -> ProcessRewardModel:
         """The same model (and score cache) with another aggregation / transform."""

@@ -291,6 +291,19 @@ def test_toy_prm_loads_and_scores():
     assert p[0] > p[1]
 
 
+def test_exact_step_checker_as_a_prm():
+    from ppl_scaling.models import toy
+
+    prm = ProcessRewardModel.from_function(toy.step_correctness, aggregation="last", transform="log")
+    q = "Q:24+5-4\n"
+    good = Partial(q, ("24+5=29\n", "29-4=25\n", "A:25\n"))
+    bad = Partial(q, ("24+5=31\n", "31-4=27\n"))
+    np.testing.assert_array_equal(prm.score([good, bad, Partial(q, good.steps[:1])]), [0.0, -np.inf, 0.0])
+    check_potential(prm, [good, bad], prefixes=step_prefixes)  # a wrong step stays rejected
+    with pytest.raises(PotentialError, match="one probability per step"):
+        ProcessRewardModel.from_function(lambda prompt, steps: [1.0]).score([good])
+
+
 # --- outcome rewards, verifiers, judges, products --------------------------------
 
 def test_outcome_reward_model_scores_finished_only():
