@@ -131,3 +131,22 @@ def test_bad_inputs(lm, tmp_path):
                         generator=torch.Generator())
     with pytest.raises(ValueError, match="unknown dtype"):
         HFLanguageModel.from_pretrained(build_tiny_llama(tmp_path / "m"), dtype="float33")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_match_full_recompute(lm, arch):
+    """The cache layout (explicit positions, holes, reordering) is architecture-agnostic."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        if arch == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_embd=64, n_layer=2, n_head=2, n_positions=256,
+                                               bos_token_id=1, eos_token_id=2))
+        else:
+            model = Qwen2ForCausalLM(Qwen2Config(vocab_size=7, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                 bos_token_id=1, eos_token_id=2))
+    other = HFLanguageModel(model, lm.tokenizer)
+    test_kv_cached_logprobs_equal_full_recompute(other)
+    test_resampled_rows_continue_like_their_ancestors(other)
