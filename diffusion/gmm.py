@@ -9,7 +9,8 @@ x_t = a x0 + b ε (a² = ᾱ_t, b² = 1 - ᾱ_t) everything is closed form:
     ε_hat = (x_t - a x0_hat) / b,     v_hat = a ε_hat - b x0_hat
 
 so ``GaussianMixture.denoiser(scheduler)`` is the Bayes-optimal denoiser for any
-diffusers scheduler and ``prediction_type``. Tilts by linear and quadratic rewards
+diffusers scheduler and ``prediction_type`` (build the scheduler with ``clip_sample=False``:
+the default clips x0 predictions to [-1, 1]). Tilts by linear and quadratic rewards
 stay in the family (``GaussianMixture.tilt``):
 
     r(x) = w·x:                     μ_k' = μ_k + lam Σ_k w,   Σ_k' = Σ_k,

@@ -81,6 +81,13 @@ class ClassifierReward:
         return logp.gather(1, target[:, None])[:, 0]
 
 
+def _features(out: Any) -> torch.Tensor:
+    """CLIP ``get_*_features`` output: a tensor (transformers 4) or an output whose
+    ``pooler_output`` holds the projected features (transformers 5); L2-normalised."""
+    f = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return f / f.norm(dim=-1, keepdim=True)
+
+
 def _need(package: str, what: str, install: str) -> Any:
     import importlib
 
@@ -98,14 +105,13 @@ def clip_score(model_path: str, prompt: str, *, device: str = "cpu") -> Callable
     processor = transformers.CLIPProcessor.from_pretrained(model_path, local_files_only=True)
     text = processor(text=[prompt], return_tensors="pt", padding=True).to(device)
     with torch.no_grad():
-        t = model.get_text_features(**text)
-    t = t / t.norm(dim=-1, keepdim=True)
+        t = _features(model.get_text_features(**text))
 
     def reward(images: torch.Tensor) -> torch.Tensor:
         pix = processor(images=list(images.float().clamp(0, 1).cpu()), return_tensors="pt", do_rescale=False)
         with torch.no_grad():
-            f = model.get_image_features(pixel_values=pix["pixel_values"].to(device))
-        return (f / f.norm(dim=-1, keepdim=True) @ t.T)[:, 0]
+            f = _features(model.get_image_features(pixel_values=pix["pixel_values"].to(device)))
+        return (f @ t.T)[:, 0]
 
     return reward
 
@@ -144,8 +150,7 @@ def aesthetic_score(clip_model_path: str, head_path: str, *, device: str = "cpu"
     def reward(images: torch.Tensor) -> torch.Tensor:
         pix = processor(images=list(images.float().clamp(0, 1).cpu()), return_tensors="pt", do_rescale=False)
         with torch.no_grad():
-            h = model.get_image_features(pixel_values=pix["pixel_values"].to(device))
-            h = h / h.norm(dim=-1, keepdim=True)
+            h = _features(model.get_image_features(pixel_values=pix["pixel_values"].to(device)))
             for W, b in weights:  # the LAION head is a stack of Linear layers (dropouts are inactive)
                 h = h @ W.T + b
         return h[:, 0]

@@ -147,6 +147,8 @@ def test_baselines_compute_and_selection():
     sv = baselines.svdd(GMM.denoiser(SCHED), SCHED, (1,), REWARD, num_particles=8, num_candidates=4, **kw)
     assert sv.compute["nfe"] == 8 + (K - 1) * 8 * 4 and sv.compute["reward_evals"] == K * 8 * 4
     assert sv.rewards.mean() > 1.0  # local argmax search lands in the right mode
+    soft = baselines.svdd(GMM.denoiser(SCHED), SCHED, (1,), REWARD, num_particles=8, num_candidates=4, alpha=0.5, **kw)
+    assert soft.compute == sv.compute and soft.samples.shape == (8, 1)
     ddim = DDIMScheduler(clip_sample=False)
     zo = baselines.zero_order_search(GMM.denoiser(ddim), ddim, (1,), REWARD, num_candidates=3, rounds=3, **kw)
     assert np.all(np.diff(zo.rewards) >= 0) and zo.compute["nfe"] == K * (1 + 3 * 3)

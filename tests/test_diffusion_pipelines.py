@@ -72,3 +72,38 @@ def test_scheduler_adapter_and_no_guidance(pipe):
     assert out.samples.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="one prompt or one per particle"):
         steer_stable_diffusion(pipe, ["a", "b"], brightness, num_particles=3, num_inference_steps=2, seed=0)
+
+
+def test_clip_score_and_aesthetic_loaders_with_local_weights(pipe, tmp_path):
+    """The lazy loaders read user-provided local checkpoints (here a tiny random CLIP saved offline)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from ppl_scaling.diffusion import rewards
+
+    text = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                  num_hidden_layers=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+        head = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Dropout(0.1), torch.nn.Linear(4, 1)).eval()
+    model.save_pretrained(tmp_path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=pipe.tokenizer)
+    processor.save_pretrained(tmp_path)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    images = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+
+    def feats(out):
+        f = getattr(out, "pooler_output", out)
+        return f / f.norm(dim=-1, keepdim=True)
+
+    with torch.no_grad():
+        pix = processor(images=list(images), return_tensors="pt", do_rescale=False)["pixel_values"]
+        img = feats(model.get_image_features(pixel_values=pix))
+        txt = feats(model.get_text_features(**processor(text=["a cat"], return_tensors="pt", padding=True)))
+        torch.testing.assert_close(rewards.clip_score(str(tmp_path), "a cat")(images), (img @ txt.T)[:, 0])
+        torch.testing.assert_close(rewards.aesthetic_score(str(tmp_path), str(tmp_path / "head.pth"))(images),
+                                   head(img)[:, 0])
