@@ -215,3 +215,52 @@ class VLLMLanguageModel(LanguageModel):
         scores = self.token_logprobs(rows)
         return np.array([s[len(s) - len(t):].sum() if t else 0.0 for s, t in zip(scores, token_ids)])
 
+
+
+class VLLMStepScorer:
+    """A sequence-classification process reward model on vLLM's pooling runner, as a
+    step scorer for ``ProcessRewardModel`` (same contract and texts as ``HFStepScorer``
+    in ``classifier`` mode):
+
+        prm = ProcessRewardModel(VLLMStepScorer("path/to/prm", **CPU_ENGINE_KWARGS), aggregation="last")
+
+    For a request ``(prompt, steps, first)``, p_j = softmax(logits)[good_label] of the
+    text ``format(prompt, steps[:j+1])`` (default: prompt + the steps), j = first ..
+    len(steps)-1; all texts of a call go to the engine as one batch. vLLM applies the
+    head's activation (softmax; sigmoid for a one-logit head).
+    """
+
+    def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, good_label: int = 1,
+                 format: Any = None, name: str | None = None, **engine_kwargs: Any) -> None:
+        if (model_or_path is None) == (llm is None):
+            raise ValueError("pass either model_or_path (a directory or hub id) or llm= (a pooling vllm.LLM)")
+        vllm = import_vllm()
+        if llm is None:
+            path = Path(str(model_or_path)).expanduser()
+            llm = vllm.LLM(model=str(path) if path.exists() else str(model_or_path), runner="pooling",
+                           **engine_kwargs)
+        self.llm, self.good_label = llm, good_label
+        self.tokenizer = llm.get_tokenizer()
+        self.format = format or (lambda prompt, steps: prompt + "".join(steps))
+        self.name = name or Path(str(model_or_path or "vllm-prm")).name
+        self.sequences = 0
+        self.forward_passes = 0
+
+    def __call__(self, requests: Sequence[tuple[str, tuple[str, ...], int]]) -> list[np.ndarray]:
+        jobs = [(r, j) for r, (_, steps, first) in enumerate(requests) for j in range(first, len(steps))]
+        texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
+        probs = np.zeros(len(texts))
+        if texts:
+            outs = self.llm.classify([{"prompt_token_ids": self.tokenizer(t)["input_ids"]} for t in texts],
+                                     use_tqdm=False)
+            for k, o in enumerate(outs):
+                p = np.asarray(o.outputs.probs, dtype=np.float64)
+                probs[k] = p[0] if p.shape == (1,) else p[self.good_label]
+            self.sequences += len(texts)
+            self.forward_passes += 1
+        out, k = [], 0
+        for _, steps, first in requests:
+            n = len(steps) - first
+            out.append(probs[k:k + n])
+            k += n
+        return out

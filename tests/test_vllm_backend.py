@@ -121,7 +121,7 @@ def test_first_step_distribution_matches_hf(engine, hf):
 def test_particle_filtering_accuracy_matches_hf(engine, hf):
     """Particle filtering (soft step checker potential) on the same toy problems: the accuracy
     through vLLM and through HF agree within 4.5 standard errors of their difference."""
-    problems = toy_problems(24)
+    problems = toy_problems(40)
     acc = {}
     for name, lm in (("vllm", engine), ("hf", hf)):
         rows = run_toy(lm, problems, num_particles=8, seed=11)
@@ -140,3 +140,42 @@ def test_step_model_uses_prefix_cache(engine):
     after = engine.counters()
     assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] > 0
     assert isinstance(StepModel(engine, p.prompt).lm, VLLMLanguageModel)
+
+
+@pytest.fixture(scope="module")
+def prm_dir(tmp_path_factory):
+    """The bundled toy PRM, or (until it is trained) a sequence classifier on the toy LM's backbone."""
+    from ppl_scaling.models.toy import TOY_PRM_PATH
+
+    if (TOY_PRM_PATH / "config.json").exists():
+        return TOY_PRM_PATH
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(TOY)
+    cfg.num_labels, cfg.architectures, cfg.pad_token_id = 2, ["LlamaForSequenceClassification"], 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification.from_pretrained(TOY, config=cfg)
+    out = tmp_path_factory.mktemp("prm")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(TOY).save_pretrained(out)
+    return out
+
+
+def test_vllm_prm_matches_hf_and_drives_the_filter(engine, prm_dir):
+    from ppl_scaling.models.rewards import ProcessRewardModel
+    from ppl_scaling.models.vllm_backend import VLLMStepScorer
+    from ppl_scaling import smc
+
+    scorer = VLLMStepScorer(prm_dir, seed=0, block_size=32, **CPU_ENGINE_KWARGS)
+    reference = ProcessRewardModel.from_pretrained(prm_dir, kind="classifier").scorer
+    p = toy_problems(1)[0]
+    steps = tuple(p.solution.splitlines(keepends=True))
+    requests = [(p.prompt, steps, 0), (p.prompt, steps[:2] + ("9+9=1\n",), 1)]
+    for got, ref in zip(scorer(requests), reference(requests)):
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+    prm = ProcessRewardModel(scorer, aggregation="last", transform="log")
+    fk = StepModel(engine, p.prompt, potential=prm, step_delimiter="\n", max_steps=8, max_step_tokens=16,
+                   stop=r"A:-?\d+\n")
+    res = smc(fk, 8, seed=0)
+    assert np.isfinite(res.log_evidence) and all(res.particles.finished)
