@@ -4,10 +4,14 @@ A particle is the prompt plus the steps generated so far (a step ends with a del
 such as "\\n\\n", with EOS, or after ``max_step_tokens`` tokens). One SMC step samples
 the next step of every unfinished particle; a potential scores the prefixes::
 
-    fk = StepModel(lm, "Q: 24+5-4\\n", potential=prm, step_delimiter="\\n",
+    fk = StepModel(lm, "Q:24+5-4\\n", potential=prm, step_delimiter="\\n",
                    max_steps=8, stop=r"A:-?\\d+\\n", temperature=0.8)
     result = pps.smc(fk, num_particles=16, seed=0)
-    result.particles.partials()          # list[Partial]: prompt, steps, finished
+    x = result.particles
+    x.partials()          # list[Partial]: prompt, steps, finished
+    x.completions()       # generated texts;  fk.texts(x): prompt + completion
+    x.token_ids, x.log_p, x.log_q     # tokens, log p (model) and log q_τ (sampled) per particle
+    result.compute        # tokens, forward_passes, reward_calls (+ the potential's own counters)
 
 The FK model (t = 0 .. max_steps - 1):
 
@@ -28,9 +32,12 @@ the particles that moved, as ``potential.score(partials, finished)`` if it has a
 ``score`` method, else ``potential(partials)``; either returns one reward per partial
 (a float; -inf rejects the particle; NaN is an error).
 
-The state (``StepState``) is columnar: per-particle steps, flags and FK-shape
+The state (``StepState``) is columnar: per-particle steps, tokens, flags and FK-shape
 accumulators, plus the language model's ``Contexts`` rows (KV cache) of the unfinished
 particles only; ``take`` reorders them for resampling, finished particles hold none.
+``M`` evaluates the potential of the states it creates and stores logG in them
+(``StepState.logG``, which ``logG`` returns), so the shape accumulators travel with
+the particles through resampling.
 """
 from __future__ import annotations
 
@@ -164,8 +171,7 @@ class StepModel(FeynmanKac):
             self._prompt_contexts = self.lm.start([self.prompt_ids])
         zeros = np.zeros(N)
         x = StepState(self.prompt, ((),) * N, ((),) * N, np.zeros(N, dtype=bool), zeros, zeros, zeros,
-                      self.shape.init(N),
-                      self._prompt_contexts.take(np.zeros(N, dtype=np.int64)))
+                      self.shape.init(N), self._prompt_contexts.take(np.zeros(N, dtype=np.int64)))
         return self._advance(0, x, rng)
 
     def M(self, t: int, xp: StepState, rng: np.random.Generator) -> StepState:

@@ -187,6 +187,9 @@ def test_resampling_keeps_kv_caches_with_their_particles(tiny_lm):
     assert res.resampled[1:].all() and len(set(res.ancestors[1].tolist())) < 8
     assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, x)
     assert len(set(x.num_tokens.tolist())) > 1
+    # finished particles hold no cache rows (and so cost no compute)
+    assert all(len(h.contexts) == (~h.finished).sum() for h in res.history)
+    assert any(0 < h.finished.sum() < 8 for h in res.history)
 
 
 def assert_logp_matches_recompute(lm, prompt_ids, x):
