@@ -177,8 +177,10 @@ class LanguageModel:
         for _ in range(1 if step_delimiter is None else max_step_tokens):
             if not live:
                 break
+            calls = self.counters()["forward_passes"]
             logprobs = self.next_token_logprobs([list(contexts.ids[r]) + rec.ids[r] for r in live])
-            self._count(forward_passes=1)
+            if self.counters()["forward_passes"] == calls:  # a custom LM that does not count its calls
+                self._count(forward_passes=1)
             tok, log_q, log_p = sample_tokens(logprobs, temperature, generator)
             keep = rec.add(live, tok, log_q, log_p)
             live = [r for r, k in zip(live, keep) if k]

@@ -150,3 +150,10 @@ def test_other_architectures_match_full_recompute(lm, arch):
     other = HFLanguageModel(model, lm.tokenizer)
     test_kv_cached_logprobs_equal_full_recompute(other)
     test_resampled_rows_continue_like_their_ancestors(other)
+
+
+def test_generic_path_counts_each_forward_pass_once(lm):
+    before = lm.counters()["forward_passes"]
+    s = LanguageModel.sample_steps(lm, Contexts([lm.encode("ab")] * 3), step_delimiter="\n", max_step_tokens=4,
+                                   generator=torch.Generator().manual_seed(0))
+    assert lm.counters()["forward_passes"] - before == max(len(t) for t in s.token_ids)
