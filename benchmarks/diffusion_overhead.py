@@ -11,12 +11,13 @@ cost, not the quality, matters), the same N particles and K DDIM (eta=1) steps:
 CNN classifier reward on the x0 predictions, against plain sampling + one final reward
 call (best-of-N's cost). Times are process CPU seconds (one torch thread), the median of
 interleaved repeats: on a shared machine CPU time is far less noisy than wall time. A last
-row runs both loops with a zero-cost denoiser: the engine's absolute cost per step.
+line runs both loops with a zero-cost denoiser: the engine's absolute cost per step.
 
 Part 2 (shape bias). The analytic 1-D mixture 0.5 N(-1.5, .5²) + 0.5 N(1.5, .5²), reward r(x) = x,
 lam = 0.578: the exact tilted right-mode weight is 0.85 (the DDPM sampler's own tilt, the
 reference column, is estimated from 100k base samples). Mean over replicates of the weighted
-right-mode mass for each shape, N and schedule.
+right-mode mass for each shape, N and schedule; and the same for FK-Diffusion-Steering's
+adaptive resampling as its code runs it (weights dropped at steps without resampling).
 
     .venv/bin/python benchmarks/diffusion_overhead.py            # both parts
     .venv/bin/python benchmarks/diffusion_overhead.py --part overhead
@@ -33,6 +34,9 @@ import ppl_scaling as pps
 from ppl_scaling.diffusion.gmm import GaussianMixture, LinearReward
 from ppl_scaling.diffusion.model import DiffusionModel
 from ppl_scaling.diffusion.steering import fk_steering
+from ppl_scaling.resampling import get_scheme
+from ppl_scaling.state import take
+from ppl_scaling.weights import ess, normalise
 
 
 def tiny_unet():
@@ -113,6 +117,20 @@ def overhead(N: int, K: int, repeats: int) -> None:
           f"the UNet step costs {1e3 * base / K:.2f} ms.")
 
 
+def fk_reference_adaptive(model: DiffusionModel, N: int, rng: np.random.Generator) -> np.ndarray:
+    """FK-Diffusion-Steering's adaptive mode as its code runs it (open issue #12): at each step
+    resample by this step's potential alone if its ESS < N/2, otherwise keep the particles and
+    *drop* the weights; the output is unweighted. Returns the final samples."""
+    state = model.M0(N, rng)
+    for t in range(1, model.T + 1):
+        lw = state.log_potential
+        if ess(lw) < 0.5 * N:
+            state = take(state, get_scheme("multinomial")(rng, normalise(lw)))
+        if t < model.T:
+            state = model.M(t, state, rng)
+    return state.x.numpy()
+
+
 def shape_bias(Ns: list[int], K: int, replicates: int) -> None:
     from diffusers import DDPMScheduler
 
@@ -140,6 +158,14 @@ def shape_bias(Ns: list[int], K: int, replicates: int) -> None:
                     est.append(float(o.weights @ gmm.responsibilities(o.samples.numpy())[:, 1]))
                 cells.append(f"{np.mean(est):.3f} ± {np.std(est, ddof=1) / np.sqrt(replicates):.3f}")
             print(f"| {sname} | {N} | " + " | ".join(cells) + " |")
+    print("\n| FK-Diffusion-Steering's adaptive mode (weights dropped when ESS >= N/2), difference | N | right-mode weight |")
+    print("| --- | ---: | ---: |")
+    for N in Ns:
+        model = DiffusionModel(gmm.denoiser(sched), sched, (1,), reward=reward, lam=lam, num_inference_steps=K,
+                               dtype=torch.float64)
+        est = [float(gmm.responsibilities(fk_reference_adaptive(model, N, np.random.default_rng(r)))[:, 1].mean())
+               for r in range(replicates)]
+        print(f"| reference scheme, reward every step | {N} | {np.mean(est):.3f} ± {np.std(est, ddof=1) / np.sqrt(replicates):.3f} |")
 
 
 def main() -> None:
