@@ -1,10 +1,10 @@
 """The bundled digits DDPM and classifiers: they load, the DDPM draws digits the held-out
 classifier recognises, and FK steering toward a class raises the held-out accuracy."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ppl_scaling.diffusion import toy
 from ppl_scaling.diffusion.steering import fk_steering
@@ -66,3 +66,13 @@ def test_fk_steering_raises_heldout_accuracy(ddpm, judge):
     se = math.hypot(math.sqrt(max(p_base * (1 - p_base), 0.05) / (N * runs)),
                     math.sqrt(max(p_fk * (1 - p_fk), 0.05) / runs))
     assert p_fk - p_base > 4 * se, (p_base, p_fk, se)
+
+
+def test_image_demo_writes_plots(tmp_path):
+    from ppl_scaling.diffusion.demo import METHODS, run_image_demo
+
+    out = run_image_demo(tmp_path)
+    for key in ("grid", "plot"):
+        assert Path(out[key]).parent == tmp_path and Path(out[key]).stat().st_size > 1000
+    for method in METHODS:
+        assert len(out[method]["reward"]) == len(out["particles"]) == len(out[method]["heldout_accuracy"])

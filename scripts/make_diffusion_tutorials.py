@@ -1,0 +1,314 @@
+"""Write tutorials/04_image_diffusion_steering.ipynb and 05_text_diffusion_steering.ipynb
+(without outputs; the test suite executes them).
+
+    python scripts/make_diffusion_tutorials.py
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+
+
+def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=[new_markdown_cell(src.strip()) if kind == "md" else new_code_cell(src.strip())
+                             for kind, src in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+IMAGE = [
+    ("md", r"""
+# Steering an image diffusion model with Feynman-Kac particles
+
+A diffusion model samples $x_0 \sim p_\theta$ by running a reverse chain $x_K \to x_{K-1} \to \dots \to x_0$.
+To prefer samples with a high reward $r(x_0)$, target the **tilted** distribution
+
+$$\pi(x_0) \propto p_\theta(x_0)\, \exp(\lambda\, r(x_0)).$$
+
+FK steering (Singhal et al. 2025) runs $N$ copies of the reverse chain as particles of a
+Sequential Monte Carlo sampler. At each step every particle is weighted by a *potential* built from
+the reward of its current $x_0$ prediction, and low-weight particles are replaced by copies of
+high-weight ones. The final weighted particles sample $\pi$.
+
+This notebook uses the bundled, offline toy: a tiny DDPM trained on scikit-learn's 8x8 digits, a digit
+classifier as the reward, and a **second, held-out classifier** to judge the results (so fooling the
+reward classifier does not count). Everything runs on a CPU in about a minute.
+"""),
+    ("code", r"""
+import numpy as np
+import torch
+import matplotlib.pyplot as plt
+
+import ppl_scaling as pps
+from ppl_scaling.diffusion import toy
+from ppl_scaling.diffusion.model import DiffusionModel
+from ppl_scaling.diffusion.steering import fk_steering
+from ppl_scaling.diffusion.baselines import best_of_n
+from ppl_scaling.plots import plot_ess
+
+torch.set_num_threads(1)
+unet, scheduler = toy.load_digits_ddpm()       # diffusers UNet2DModel + DDPMScheduler
+judge = toy.load_eval_classifier()             # held-out classifier, for evaluation only
+print(toy.load_metrics()["unsteered_samples"])
+
+def show(images, title, ax=None):
+    ax = ax or plt.subplots(figsize=(8, 1.5))[1]
+    ax.imshow(toy.image_grid(images, nrow=16), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9); ax.axis("off")
+"""),
+    ("md", r"""
+## The base sampler
+
+Plain DDPM ancestral sampling with 20 steps. The held-out classifier's labels show that all ten
+digits appear, each about 10% of the time.
+"""),
+    ("code", r"""
+K = 20
+base = toy.sample_digits(32, num_inference_steps=K, rng=np.random.default_rng(0), unet=unet, scheduler=scheduler)
+show(base, "unsteered samples")
+print("held-out labels:", toy.classify(base, judge).argmax(-1).tolist())
+"""),
+    ("md", r"""
+## The FK model of the reverse diffusion
+
+`DiffusionModel` is a `FeynmanKac` model: `M0` draws the noise, `M` is one stochastic reverse step of the
+scheduler, and `logG` applies a potential shape to the reward of the scheduler's $x_0$ prediction.
+Our reward is $r(x) = \log p(y = 4 \mid x)$ under the reward classifier. `ppl_scaling.smc` runs it
+with adaptive resampling (when the effective sample size drops below $N/2$).
+"""),
+    ("code", r"""
+target, lam = 4, 1.0
+reward = toy.digit_reward(target)
+fk = DiffusionModel(unet, scheduler, toy.SAMPLE_SHAPE, reward=reward, potential="difference",
+                    lam=lam, num_inference_steps=K)
+result = pps.smc(fk, num_particles=16, seed=0, store_history=True)
+print(result.summary())
+show(result.particles.x, "16 final particles (FK steering toward 4)")
+print("weights:", np.round(result.weights, 2))
+print("held-out labels:", toy.classify(result.particles.x, judge).argmax(-1).tolist())
+plot_ess(result); plt.show()
+"""),
+    ("md", r"""
+## Potential shapes
+
+Intermediate rewards $r_t$ become potentials in one of four ways, each ending with the terminal
+correction so that the final target is exactly $\pi$:
+
+| shape | $G_t$ | intermediate target |
+|---|---|---|
+| `difference` | $\exp(\lambda (r_t - r_{t-1}))$ | $p(x_{t})\exp(\lambda r_t)$: exact at every step |
+| `max` | $\exp(\lambda \max_{s\le t} r_s)$ | over-tilted; relies on the final correction |
+| `sum` | $\exp(\lambda \sum_{s\le t} r_s)$ | over-tilted; relies on the final correction |
+| `last` | $\exp(\lambda r_t)$ | over-tilted; relies on the final correction |
+
+Below: for each shape, independent runs with 8 particles, one weighted draw per run, judged by the
+held-out classifier.
+"""),
+    ("code", r"""
+rng = np.random.default_rng(1)
+runs, N = 8, 8
+fig, axes = plt.subplots(4, 1, figsize=(8, 5))
+ess_traces = {}
+for ax, shape in zip(axes, ["difference", "max", "sum", "last"]):
+    draws = []
+    for _ in range(runs):
+        out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=N, lam=lam,
+                          potential=shape, num_inference_steps=K, rng=rng)
+        draws.append(out.samples[rng.choice(N, p=out.weights)])
+    ess_traces[shape] = out.smc
+    draws = torch.stack(draws)
+    acc = (toy.classify(draws, judge).argmax(-1) == target).float().mean().item()
+    show(draws, f"{shape}: held-out accuracy {acc:.2f}, mean reward {reward(draws).mean():.2f}", ax)
+plt.tight_layout(); plt.show()
+plot_ess(list(ess_traces.values()), labels=list(ess_traces)); plt.show()
+"""),
+    ("md", r"""
+## FK steering versus best-of-N at equal compute
+
+Both methods below spend $N \times K$ denoiser evaluations per run. Best-of-N draws $N$ independent
+samples and keeps the one of highest reward; FK steering returns one draw from its weighted particles.
+`diffusion.demo.run_image_demo` makes the same comparison with more particle counts and saves plots
+(it is part of `make demo`).
+"""),
+    ("code", r"""
+rng = np.random.default_rng(2)
+rows = []
+for N in (2, 4, 8):
+    for method in ("fk_steering", "best_of_n"):
+        xs = []
+        for _ in range(6):
+            if method == "fk_steering":
+                out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=N, lam=lam,
+                                  num_inference_steps=K, rng=rng)
+                xs.append(out.samples[rng.choice(N, p=out.weights)])
+            else:
+                out = best_of_n(unet, scheduler, toy.SAMPLE_SHAPE, reward, n=N, num_inference_steps=K, rng=rng)
+                xs.append(out.top)
+        xs = torch.stack(xs)
+        acc = (toy.classify(xs, judge).argmax(-1) == target).float().mean().item()
+        rows.append((N, method, out.compute["nfe"], reward(xs).mean().item(), acc))
+print(f"{'N':>3} {'method':<12} {'NFEs/run':>8} {'reward':>8} {'held-out acc':>12}")
+for N, m, nfe, r, a in rows:
+    print(f"{N:>3} {m:<12} {nfe:>8} {r:>8.3f} {a:>12.2f}")
+"""),
+    ("md", r"""
+## FK-Diffusion-Steering's sparse schedule
+
+The reference code resamples only every few steps within a window (`resample_every`, `t_start`,
+`t_end` in its loop-index units, 0 = noisiest step) and evaluates the reward only at those steps,
+which saves reward calls when the reward is expensive.
+"""),
+    ("code", r"""
+out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=8, lam=lam, num_inference_steps=K,
+                  resample_every=4, t_start=4, t_end=16, seed=3)
+print(out.compute)
+print("resampled at steps:", np.flatnonzero(out.smc.resampled).tolist())
+show(out.samples, "sparse schedule: 8 particles")
+"""),
+    ("md", r"""
+## Plugging in Stable Diffusion and a real reward
+
+The same machinery steers a diffusers `StableDiffusionPipeline` through its components (no forked
+pipeline): the UNet with classifier-free guidance becomes the denoiser, the VAE decodes $x_0$
+predictions for the reward, and per-particle prompt embeddings are resampled together with the latents.
+This needs downloaded weights and a GPU, so it is shown but not executed here:
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+from ppl_scaling.diffusion.pipelines import steer_stable_diffusion
+from ppl_scaling.diffusion.rewards import clip_score, jpeg_compressibility
+
+pipe = StableDiffusionPipeline.from_pretrained("path/to/stable-diffusion-v1-5",
+                                               torch_dtype=torch.float16).to("cuda")
+reward = clip_score("path/to/clip-vit-large-patch14", "a red bicycle leaning on a wall", device="cuda")
+out = steer_stable_diffusion(pipe, "a red bicycle leaning on a wall", reward,
+                             num_particles=4, lam=10.0, num_inference_steps=50,
+                             resample_every=5, t_start=5, t_end=30, seed=0)
+out.samples          # (4, 3, H, W) images in [0, 1]
+out.best             # the particle of largest weight
+print(out.smc.summary())
+```
+
+Any function from a batch of images in [0, 1] to one float per image is a reward: `jpeg_compressibility`
+needs no weights; `image_reward` and `aesthetic_score` load user-provided checkpoints lazily.
+"""),
+]
+
+TEXT = [
+    ("md", r"""
+# Steering a masked diffusion language model
+
+A masked (absorbing-state) diffusion LM generates a sequence by starting from all `<mask>` tokens and
+revealing them over $K$ steps, each revealed token drawn from the model's prediction of the clean
+sequence. `MaskedDiffusionModel` turns that reverse process into a Feynman-Kac model, so
+`ppl_scaling.smc` can steer it toward $p_\theta(x) \exp(\lambda r(x))$ exactly as for images.
+
+The bundled model is a 3-layer bidirectional transformer trained (by `scripts/train_text_diffusion.py`)
+on short restaurant reviews generated from a small grammar. Positive reviews are a minority of its
+corpus. The reward is a rule: $r(x) = \#\text{positive} - \#\text{negative}$ sentiment words.
+"""),
+    ("code", r"""
+import numpy as np
+import torch
+import matplotlib.pyplot as plt
+
+import ppl_scaling as pps
+from ppl_scaling.diffusion.text import MaskedDiffusionModel, load_text_mdm, sentiment_reward
+from ppl_scaling.plots import plot_ess
+
+torch.set_num_threads(1)
+model, vocab = load_text_mdm()
+base = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=12)
+x = base.sample(200, np.random.default_rng(0))
+for s in vocab.decode(x[:6]):
+    print(" ", s)
+print("positive share:", (vocab.sentiment(x) > 0).float().mean().item(),
+      " grammatical share:", vocab.is_grammatical(x).float().mean().item())
+"""),
+    ("md", r"""
+## One steered run
+
+The state of each particle is its token sequence (with masks) plus the model's prediction at it. The
+intermediate reward is the reward of the predicted clean sequence (masked positions filled with the
+model's argmax), and the `difference` potential $\exp(\lambda (r_t - r_{t-1}))$ keeps every intermediate
+target exact.
+"""),
+    ("code", r"""
+reward = sentiment_reward(vocab)
+fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=reward, lam=2.0, num_steps=12)
+result = pps.smc(fk, num_particles=16, seed=1, store_history=True)
+print(result.summary())
+for s, w in sorted(zip(vocab.decode(result.particles.tokens), result.weights), key=lambda p: -p[1])[:6]:
+    print(f"  {w:.3f}  {s}")
+print("\nthe genealogy of particle 0, step by step:")
+for t, xs in enumerate(result.paths()):
+    print(f"  t={t:2d}  {vocab.decode(xs.tokens[:1])[0]}")
+plot_ess(result); plt.show()
+"""),
+    ("md", r"""
+## More particles, more positive reviews
+
+One weighted draw per independent run; the share of positive reviews grows with the number of
+particles, and the samples stay grammatical.
+"""),
+    ("code", r"""
+rng = np.random.default_rng(2)
+runs = 40
+for N in (1, 2, 4, 8, 16):
+    draws = torch.cat([pps.smc(fk, N, rng=rng).resample(1, rng=rng).tokens for _ in range(runs)])
+    print(f"N={N:2d}  positive share {(vocab.sentiment(draws) > 0).float().mean():.2f}  "
+          f"grammatical {vocab.is_grammatical(draws).float().mean():.2f}  e.g. '{vocab.decode(draws[:1])[0]}'")
+"""),
+    ("md", r"""
+## Shapes and intermediate rewards
+
+`intermediate` chooses how the clean sequence is predicted at each step: `"argmax"` (default),
+`"sample"` (one draw from the model's prediction) or `"many"` (a log-mean-exp over several draws,
+FK steering's many-sample estimate). Every shape ends with the terminal correction, so without
+resampling the log weight of a particle is exactly $\lambda r(x)$:
+"""),
+    ("code", r"""
+for shape in ("difference", "max", "sum", "last"):
+    fk_s = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=reward, lam=2.0, num_steps=12,
+                                potential=shape, intermediate="many", num_x0_samples=4)
+    res = pps.smc(fk_s, 16, ess_threshold=0.0, seed=0)   # importance sampling: no resampling
+    gap = np.abs(res.log_weights - 2.0 * vocab.sentiment(res.particles.tokens).numpy()).max()
+    res = pps.smc(fk_s, 16, seed=0)
+    share = (vocab.sentiment(res.resample(64, seed=0).tokens) > 0).float().mean()
+    print(f"{shape:<10}  max |log w - lam r| = {gap:.1e}   positive share of the SMC population {share:.2f}"
+          f"   resampled {res.resampled.sum()} times   compute {res.compute['nfe']} NFEs, "
+          f"{res.compute['reward_evals']} reward evals")
+"""),
+    ("md", r"""
+## Your own reward
+
+Any function from token ids `(N, L)` to `(N,)` floats works, for example steering toward reviews that
+mention pizza. With `lam=0` the model is the base sampler, bit for bit (all weights equal).
+"""),
+    ("code", r"""
+pizza = vocab.tokens.index("pizza")
+fk_p = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=lambda t: (t == pizza).float().sum(-1),
+                            lam=3.0, num_steps=12)
+for s in vocab.decode(pps.smc(fk_p, 16, seed=4).resample(5, seed=0).tokens):
+    print(" ", s)
+fk_0 = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=reward, lam=0.0, num_steps=12)
+res0 = pps.smc(fk_0, 8, seed=5)
+print("lam = 0: all log weights zero:", bool((res0.log_weights == 0).all()),
+      "| identical to the base sampler:", torch.equal(res0.particles.tokens, fk_0.sample(8, np.random.default_rng(5))))
+"""),
+]
+
+
+def main() -> None:
+    for name, cells in (("04_image_diffusion_steering.ipynb", IMAGE), ("05_text_diffusion_steering.ipynb", TEXT)):
+        nbformat.write(notebook(cells), TUTORIALS / name)
+        print("wrote", TUTORIALS / name)
+
+
+if __name__ == "__main__":
+    main()
