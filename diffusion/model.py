@@ -34,7 +34,9 @@ the population at level tau_{t-1}, weighted by potentials up to step t-1, right 
 is denoised from tau_{t-1}. FK-Diffusion-Steering's loop index i (0 = first, noisiest
 scheduler step) therefore maps to t = i + 1: ``fk_schedule`` builds such schedules, and
 ``potential_at`` restricts reward evaluations to the steps that feed a resampling
-(FK's sparse schedules), the final step always included.
+(FK's sparse schedules), the final step always included. Example: FK's evaluation defaults
+(100 steps, every 5 from 5 to 30) are ``resample_at = fk_schedule(100, every=5, start=5, end=30)``
+= [6, 11, ..., 31] with ``potential_at = potential_steps(resample_at)`` = [5, 10, ..., 30] (+ 100).
 
 Randomness: every step draws one ``torch.Generator`` from the numpy ``rng``; the noise of
 all particles comes from it, so a run is reproducible given (seed, N) but particle i's
