@@ -7,7 +7,7 @@ EXTRAS ?= test,llm,diffusion
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test demo install toy-models bench-smc clean
+.PHONY: test demo install toy-models bench-smc bench-diffusion clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ benchmarks/.venv-particles:
 
 bench-smc: $(STAMP) benchmarks/.venv-particles
 	$(PY) benchmarks/smc_core.py
+
+bench-diffusion: $(STAMP)
+	$(PY) benchmarks/diffusion_overhead.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
