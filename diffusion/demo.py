@@ -8,6 +8,9 @@ r(x) = log p_reward(y = c | x) and compares, at equal compute (N particles x K s
     FK steering  N particles, difference potential, adaptive resampling; one draw from
                  the final weights (a sample of the tilted target p(x) exp(lam r(x)))
     best-of-N    N independent samples; keep the one of highest reward
+    zero-order   Ma et al.'s zero-order search over the initial noise of a deterministic
+                 DDIM sampler: a pivot, then floor((N-1)/2) rounds of 2 neighbours
+                 ((1 + 2 rounds) * K <= N * K NFEs)
 
 Each sample is also judged by the held-out classifier (trained on other digits, another
 architecture), so a method that fools the reward classifier does not score. Writes
@@ -21,10 +24,10 @@ import numpy as np
 import torch
 
 from . import toy
-from .baselines import best_of_n
+from .baselines import best_of_n, zero_order_search
 from .steering import fk_steering
 
-METHODS = ("base", "fk_steering", "best_of_n")
+METHODS = ("base", "fk_steering", "best_of_n", "zero_order")
 
 
 def _one_run(method: str, unet, scheduler, reward, N: int, K: int, lam: float,
@@ -36,7 +39,13 @@ def _one_run(method: str, unet, scheduler, reward, N: int, K: int, lam: float,
         out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=N, lam=lam,
                           num_inference_steps=K, rng=rng)
         return out.samples[rng.choice(N, p=out.weights)][None]
-    return best_of_n(unet, scheduler, toy.SAMPLE_SHAPE, reward, n=N, num_inference_steps=K, rng=rng).top[None]
+    if method == "best_of_n":
+        return best_of_n(unet, scheduler, toy.SAMPLE_SHAPE, reward, n=N, num_inference_steps=K, rng=rng).top[None]
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    return zero_order_search(unet, ddim, toy.SAMPLE_SHAPE, reward, num_candidates=2, rounds=(N - 1) // 2,
+                             num_inference_steps=K, eta=0.0, rng=rng).top[None]
 
 
 def run_image_demo(out_dir: str | Path, *, quick: bool = True, target: int = 4, lam: float = 1.0,
