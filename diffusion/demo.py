@@ -50,7 +50,7 @@ def _one_run(method: str, unet, scheduler, reward, N: int, K: int, lam: float,
 
 def run_image_demo(out_dir: str | Path, *, quick: bool = True, target: int = 4, lam: float = 1.0,
                    seed: int = 0) -> dict:
-    """Base vs FK steering vs best-of-N toward digit ``target`` for several particle counts.
+    """Base vs FK steering vs best-of-N vs zero-order search toward digit ``target``, per particle count.
 
     Returns ``{"target", "lam", "num_inference_steps", "runs", "particles": [...],
     "<method>": {"reward": [...], "reward_se": [...], "heldout_accuracy": [...]}, "grid", "plot"}``
