@@ -9,7 +9,8 @@ One SMC step sends one ``POST /v1/completions`` per unfinished particle, concurr
 token ids, ``stop`` = the step delimiter (kept in the output), ``max_tokens`` = the step
 length, a per-particle ``seed`` drawn from the sampler's ``torch.Generator``, and
 ``logprobs`` for the sampled tokens. Token ids come back through vLLM's
-``return_tokens_as_token_ids``; servers without it are re-tokenized locally.
+``return_token_ids`` / ``return_tokens_as_token_ids`` extensions (a vLLM-compatible
+server is needed).
 
 **Replicas.** Several base URLs share the load: each request goes to the healthy replica
 with the fewest requests in flight. A request that fails for a transport reason
@@ -198,16 +199,18 @@ class OpenAICompatibleLanguageModel(LanguageModel):
     ``"http://127.0.0.1:8000/v1"`` (the ``/v1`` is optional). ``model``: the served model
     name (checked against ``/v1/models``). ``timeout``: seconds per request;
     ``max_retries``: extra attempts per request; ``cooldown``: seconds a failing replica
-    is skipped.
+    is skipped. ``logprobs=False`` asks for no log-probabilities (about half the cost of a
+    request on a vLLM server; ``log_q`` and ``log_p`` are then NaN, which only
+    ``StepModel(target="model")`` would read).
     """
 
     def __init__(self, base_url: str | Sequence[str], model: str, api_key: str | None = None, *,
                  tokenizer: Any = None, max_concurrency: int = 64, timeout: float = 120.0, max_retries: int = 3,
-                 cooldown: float = 30.0, exact_log_p: bool = True,
+                 cooldown: float = 30.0, logprobs: bool = True, exact_log_p: bool = True,
                  eos_token_id: int | Sequence[int] | None = None) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.client = _Client(urls, api_key, timeout, max_retries, max_concurrency, cooldown)
-        self.model, self.exact_log_p = model, exact_log_p
+        self.model, self.logprobs, self.exact_log_p = model, logprobs, exact_log_p
         self._check_servers()
         self.tokenizer = self._tokenizer(tokenizer)
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
@@ -292,8 +295,9 @@ class OpenAICompatibleLanguageModel(LanguageModel):
         eos_ids = self.eos_token_ids
         common: dict[str, Any] = {
             "max_tokens": 1 if step_delimiter is None else int(max_step_tokens), "temperature": float(temperature),
-            "logprobs": 0, "include_stop_str_in_output": True, "return_tokens_as_token_ids": True,
-            "skip_special_tokens": True}
+            "include_stop_str_in_output": True, "return_token_ids": True, "skip_special_tokens": True}
+        if self.logprobs:
+            common.update(logprobs=0, return_tokens_as_token_ids=True)
         if step_delimiter is not None:
             common["stop"] = [step_delimiter]
         if eos_ids:
@@ -312,20 +316,25 @@ class OpenAICompatibleLanguageModel(LanguageModel):
         with self._lock:
             self._extra["prompt_tokens"] += sum(len(r) for r in contexts.ids)
         self._count(tokens=sum(len(t) for t in token_ids), forward_passes=max(len(t) for t in token_ids))
-        log_q = np.array([lp.sum() for lp in token_lps])
-        log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
+        if self.logprobs:
+            log_q = np.array([lp.sum() for lp in token_lps])
+            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
+        else:
+            log_q = log_p = np.full(R, np.nan)
         texts = [self.decode([t for t in ids if t not in eos_ids]) for ids in token_ids]
         return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
 
     def _tokens(self, choice: dict[str, Any]) -> tuple[list[int], np.ndarray]:
-        lp = choice.get("logprobs") or {}
-        tokens, lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
-        if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
-            return [int(t[9:]) for t in tokens], np.array(lps, dtype=np.float64)
-        if choice.get("token_ids") is not None:
-            return list(choice["token_ids"]), np.array(lps, dtype=np.float64)
-        raise ServerError("the server returned no token ids (vLLM's return_tokens_as_token_ids); "
-                          "this backend needs a vLLM-compatible completions endpoint")
+        """The new token ids and (with ``logprobs``) their log-probabilities."""
+        if self.logprobs:
+            lp = choice.get("logprobs") or {}
+            tokens = lp.get("tokens") or []
+            if all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+                return [int(t[9:]) for t in tokens], np.array(lp.get("token_logprobs") or [], dtype=np.float64)
+        elif choice.get("token_ids") is not None:
+            return list(choice["token_ids"]), np.zeros(0)
+        raise ServerError("the server returned no token ids (vLLM's return_token_ids / "
+                          "return_tokens_as_token_ids); this backend needs a vLLM-compatible completions endpoint")
 
     def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], token_lps: list[np.ndarray],
                      log_q: np.ndarray, temperature: float) -> np.ndarray:

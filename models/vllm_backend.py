@@ -93,10 +93,12 @@ class VLLMLanguageModel(LanguageModel):
     ``model_or_path``: a hub id or a local directory; ``engine_kwargs`` go to ``vllm.LLM``
     on top of ``ENGINE_DEFAULTS`` (e.g. ``gpu_memory_utilization``, ``max_model_len``,
     ``dtype``; on CPU ``**CPU_ENGINE_KWARGS``). ``llm=`` wraps an existing engine instead.
+    ``logprobs=False`` skips the log-probabilities (``log_q``, ``log_p`` are then NaN;
+    only ``StepModel(target="model")`` reads them).
     """
 
-    def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, exact_log_p: bool = True,
-                 **engine_kwargs: Any) -> None:
+    def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, logprobs: bool = True,
+                 exact_log_p: bool = True, **engine_kwargs: Any) -> None:
         if (model_or_path is None) == (llm is None):
             raise ValueError("pass either model_or_path (a hub id or directory) or llm= (a vllm.LLM), not both")
         vllm = import_vllm()
@@ -104,7 +106,7 @@ class VLLMLanguageModel(LanguageModel):
             path = Path(str(model_or_path)).expanduser()
             source = str(path) if path.exists() else str(model_or_path)
             llm = vllm.LLM(model=source, **{**ENGINE_DEFAULTS, **engine_kwargs})
-        self.llm, self._vllm, self.exact_log_p = llm, vllm, exact_log_p
+        self.llm, self._vllm, self.logprobs, self.exact_log_p = llm, vllm, logprobs, exact_log_p
         self.tokenizer = llm.get_tokenizer()
         config = llm.llm_engine.model_config
         self.mode = getattr(config, "logprobs_mode", "raw_logprobs")
@@ -180,7 +182,8 @@ class VLLMLanguageModel(LanguageModel):
             return StepSample(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
         eos_ids = self.eos_token_ids
         common = dict(temperature=float(temperature),
-                      max_tokens=1 if step_delimiter is None else int(max_step_tokens), logprobs=0,
+                      max_tokens=1 if step_delimiter is None else int(max_step_tokens),
+                      logprobs=0 if self.logprobs else None,
                       stop=[] if step_delimiter is None else [step_delimiter], include_stop_str_in_output=True,
                       stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
         params = [self._params(seed=s, **common) for s in draw_seeds(generator, R)]
@@ -191,13 +194,13 @@ class VLLMLanguageModel(LanguageModel):
             c = out.outputs[0]
             ids = list(c.token_ids)
             token_ids.append(ids)
-            log_q[i] = sum(pos[t].logprob for pos, t in zip(c.logprobs, ids))
+            log_q[i] = sum(pos[t].logprob for pos, t in zip(c.logprobs, ids)) if self.logprobs else np.nan
             eos[i] = bool(ids) and ids[-1] in eos_ids
             delimited[i] = not eos[i] and step_delimiter is not None and isinstance(c.stop_reason, str)
             self._extra["prompt_tokens"] += len(out.prompt_token_ids)
             self._extra["cached_prompt_tokens"] += int(out.num_cached_tokens or 0)
         self._count(tokens=sum(len(t) for t in token_ids), forward_passes=max(len(t) for t in token_ids))
-        log_p = self._model_log_p(contexts, token_ids, log_q, temperature)
+        log_p = self._model_log_p(contexts, token_ids, log_q, temperature) if self.logprobs else log_q.copy()
         texts = [self.decode([t for t in ids if t not in eos_ids]) for ids in token_ids]
         return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
 

@@ -83,6 +83,10 @@ def test_step_logprobs_match_hf(servers, hf, tokenizer):
         assert s.log_q[i] == pytest.approx(float(torch.log_softmax(lp / 0.7, -1).gather(1, idx).sum()), abs=TOL * n)
         assert s.texts[i] == hf.decode([t for t in s.token_ids[i] if t not in hf.eos_token_ids])
         assert s.delimited[i] == s.texts[i].endswith("\n")
+    fast = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=tokenizer, logprobs=False)
+    f = fast.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
+                          generator=torch_generator(np.random.default_rng(1)))
+    assert f.token_ids == s.token_ids and np.isnan(f.log_q).all()
 
 
 @needs_vllm

@@ -101,6 +101,10 @@ def test_steps_reproducible_and_independent(engine):
     a, b, c = draw(5), draw(5), draw(6)
     assert a == b and a != c
     assert len({tuple(t) for t in a}) > 1  # particles get their own seeds
+    fast = VLLMLanguageModel(llm=engine.llm, logprobs=False)  # same engine, no log-probabilities
+    s = fast.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=1.0,
+                          generator=torch_generator(np.random.default_rng(5)))
+    assert s.token_ids == a and np.isnan(s.log_q).all() and np.isnan(s.log_p).all()
 
 
 def test_first_step_distribution_matches_hf(engine, hf):
