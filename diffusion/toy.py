@@ -7,6 +7,7 @@ compared on a real (trained, imperfect) diffusion model with a real reward:
     reward = digit_reward(3)                    # x0 (B, 1, 8, 8) in [-1, 1] -> log p(y=3 | x0)
     judge = load_eval_classifier()              # held-out classifier, for evaluation only
     images = sample_digits(64, rng=np.random.default_rng(0))
+    out = steer_digits(3, num_particles=8, seed=0)   # FK steering toward 3: out.samples, out.weights
 
 The weights in ``diffusion/assets/`` are trained by ``scripts/train_toy_diffusion.py``
 (``make toy-models``):
@@ -155,6 +156,20 @@ def sample_digits(n: int, *, num_inference_steps: int = 50, rng: np.random.Gener
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t).sample, t, x, generator=g).prev_sample
     return x.clamp(-1.0, 1.0)
+
+
+def steer_digits(target_class: int, num_particles: int, *, lam: float = 1.0, num_inference_steps: int = 25,
+                 unet=None, scheduler=None, reward=None, **kwargs):
+    """FK steering of the bundled DDPM toward ``target_class`` in one call: ``fk_steering`` with
+    r = ``digit_reward(target_class)``; ``kwargs`` go to ``fk_steering`` (seed, rng, potential,
+    resample_every, ...). With lam = 1 and a calibrated classifier the target
+    p(x) p(y = c | x) is the class-conditional p(x | y = c)."""
+    from .steering import fk_steering
+
+    if unet is None or scheduler is None:
+        unet, scheduler = load_digits_ddpm()
+    return fk_steering(unet, scheduler, SAMPLE_SHAPE, digit_reward(target_class) if reward is None else reward,
+                       num_particles=num_particles, lam=lam, num_inference_steps=num_inference_steps, **kwargs)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from ppl_scaling.diffusion import toy
-from ppl_scaling.diffusion.steering import fk_steering
 
 STEPS = 20
 
@@ -57,8 +56,8 @@ def test_fk_steering_raises_heldout_accuracy(ddpm, judge):
     reward = toy.digit_reward(target)
     hits = 0
     for _ in range(runs):
-        out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=N, lam=1.0,
-                          num_inference_steps=STEPS, rng=rng)
+        out = toy.steer_digits(target, N, lam=1.0, num_inference_steps=STEPS, unet=unet, scheduler=scheduler,
+                               reward=reward, rng=rng)
         draw = out.samples[rng.choice(N, p=out.weights)][None]
         hits += int(toy.classify(draw, judge).argmax(-1)[0] == target)
         assert out.compute["nfe"] == N * STEPS
