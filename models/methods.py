@@ -27,7 +27,8 @@ Methods (``METHODS``):
     best_of_n                    N samples, the one with the highest PRM score (PRM as ORM)
     weighted_best_of_n           N samples, the answer with the largest sum of PRM scores p
     self_consistency             N samples, majority vote (no reward model)
-    beam_search, dvts            PRM-guided search (``ppl_scaling.samplers.beam``), width M
+    beam_search, dvts            PRM-guided search (``ppl_scaling.samplers.beam``), width M = min(beam_width, N)
+                                 (DVTS: N rounded down to a multiple of M)
 
 ``prm`` is a ``ProcessRewardModel`` (or any potential with ``score(partials, finished)``
 returning log-values and, for the PF presets, ``configured(transform=...)``). The

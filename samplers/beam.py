@@ -137,7 +137,8 @@ def beam_search(fk: Any, num_beams: int, beam_width: int = 4, *, seed: int | Non
 
 def dvts(fk: Any, num_beams: int, beam_width: int = 4, *, seed: int | None = None,
          rng: np.random.Generator | None = None, store_history: bool = False, progress: bool = False) -> SMCResult:
-    """Diverse verifier tree search: ``num_beams / beam_width`` greedy subtrees of width ``beam_width``."""
+    """Diverse verifier tree search: ``num_beams / beam_width`` greedy subtrees of width ``beam_width``
+    (``num_beams`` must be a multiple of ``beam_width``)."""
     _check_budget(num_beams, beam_width, divisible=True)
     return tree_search(fk, num_beams, dvts_selector(int(beam_width)), rng=as_generator(seed, rng),
                        store_history=store_history, progress=progress, name="DVTS")

@@ -1,0 +1,115 @@
+"""`ppl-scaling eval | report | run` end to end on toy problems: rows, resume after
+SIGINT with no duplicates and the same results, user datasets, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ppl_scaling.cli import main
+from ppl_scaling.models import toy
+from ppl_scaling.models.evaluate import KEY, arithmetic_task, evaluate, read_dataset, scaling_comparison
+from ppl_scaling.models.report import accuracy_table, load_rows
+from llm_fixtures import TOY_LM_PATH, prm_path, random_prm, toy_lm
+
+MODELS = ["--model", str(TOY_LM_PATH), "--prm", str(prm_path())]
+FIELDS = {"problem_id", "method", "budget", "answer", "gold", "correct", "tokens", "reward_calls", "wall_s"}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_writes_one_row_per_run_and_resumes(tmp_path, capsys):
+    dataset = toy.write_jsonl(toy.load_split("test")[:3], tmp_path / "toy.jsonl")
+    out = tmp_path / "results.jsonl"
+    args = ["eval", "--task", "arithmetic", "--dataset", str(dataset), "--methods",
+            "particle_filtering,best_of_n,self_consistency", "--budgets", "1,4", "--out", str(out), "--no-progress"]
+    assert main(args + MODELS) == 0
+    rows = rows_of(out)
+    assert len(rows) == 3 * 3 * 2 and all(FIELDS <= set(r) for r in rows)
+    assert {r["problem_id"] for r in rows} == {"test-0000", "test-0001", "test-0002"}
+    assert "particle_filtering" in capsys.readouterr().out  # the accuracy table
+    before = out.read_text()
+    assert main(args + MODELS) == 0          # nothing left to do: the file is unchanged
+    assert out.read_text() == before
+    assert main(args + ["--seed", "1"] + MODELS) == 2   # other settings: refused
+    assert "other settings" in capsys.readouterr().err
+
+    assert main(["report", str(out), "--plot", str(tmp_path / "scaling.png")]) == 0
+    text = capsys.readouterr().out
+    assert "| particle_filtering |" in text and (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_sigint_loses_nothing_and_resume_equals_an_uninterrupted_run(tmp_path):
+    out, ref = tmp_path / "results.jsonl", tmp_path / "reference.jsonl"
+    methods, budgets = ["particle_filtering", "self_consistency"], [2, 6]
+    cmd = [sys.executable, "-m", "ppl_scaling.cli", "eval", "--problems", "3", "--methods", ",".join(methods),
+           "--budgets", "2,6", "--out", str(out), "--no-progress", *MODELS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and \
+            (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    partial = rows_of(out)
+    assert 2 <= len(partial) < 12, "the interruption should land mid-run"
+
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    rows = rows_of(out)
+    keys = [tuple(r[k] for k in KEY) for r in rows]
+    assert len(keys) == len(set(keys)) == 12
+    assert rows[: len(partial)] == partial   # appended, never rewritten
+
+    evaluate(arithmetic_task(3), toy_lm(), random_prm(), methods, budgets, ref, seed=0,
+             model_name=str(TOY_LM_PATH), prm_name=str(prm_path()), progress=False)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_s",)}  # noqa: E731
+    assert sorted(map(strip, rows), key=str) == sorted(map(strip, rows_of(ref)), key=str)
+
+
+def test_user_dataset_errors_and_missing_model(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "What is 1+1?", "answer": "2"}\n{"problem": "What is 2+2?"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'answer'"):
+        read_dataset(bad)
+    assert main(["eval", "--task", "math", "--dataset", str(bad), "--methods", "self_consistency",
+                 "--out", str(tmp_path / "r.jsonl"), "--model", str(TOY_LM_PATH)]) == 2
+    assert "bad.jsonl:2: missing field 'answer'" in capsys.readouterr().err
+    assert main(["eval", "--methods", "self_consistency", "--out", str(tmp_path / "r.jsonl"),
+                 "--model", str(tmp_path / "no_such_model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_math_task_with_a_user_dataset_and_the_run_command(tmp_path, capsys):
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"id": "a", "problem": "Q:3+4", "answer": "7"}\n')
+    out = tmp_path / "r.jsonl"
+    assert main(["eval", "--task", "math", "--dataset", str(data), "--methods", "self_consistency",
+                 "--budgets", "2", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH)]) == 0
+    (row,) = rows_of(out)
+    assert row["problem_id"] == "a" and row["task"] == "math" and row["tokens"] > 0
+
+    assert main(["run", "--prompt", "24+5-4", "--budget", "4", "--method", "particle_filtering", *MODELS]) == 0
+    text = capsys.readouterr().out
+    assert "answer" in text and "tokens" in text
+
+
+def test_scaling_comparison_writes_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "TOY_PRM_PATH", prm_path())  # the bundled PRM's stand-in
+    res = scaling_comparison(tmp_path, problems=2, budgets=(1, 2), methods=("self_consistency", "best_of_n"),
+                             progress=False)
+    assert res["rows"] == 2 * 2 * 2
+    assert (tmp_path / "scaling.png").exists() and "self_consistency" in (tmp_path / "scaling.md").read_text()
+    assert set(accuracy_table(load_rows(tmp_path / "scaling.jsonl"))) == {
+        (m, b) for m in ("self_consistency", "best_of_n") for b in (1, 2)}
