@@ -147,14 +147,12 @@ def classify(images: torch.Tensor, classifier: nn.Module | None = None) -> torch
 def sample_digits(n: int, *, num_inference_steps: int = 50, rng: np.random.Generator,
                   unet=None, scheduler=None) -> torch.Tensor:
     """``n`` unsteered DDPM samples (n, 1, 8, 8) in [-1, 1]: the plain ancestral sampler."""
+    from .model import ReverseProcess
+
     if unet is None or scheduler is None:
         unet, scheduler = load_digits_ddpm()
-    g = torch_generator(rng)
-    scheduler.set_timesteps(num_inference_steps)
-    x = torch.randn((n, *SAMPLE_SHAPE), generator=g)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, generator=g).prev_sample
+    process = ReverseProcess(unet, scheduler, SAMPLE_SHAPE, num_inference_steps=num_inference_steps)
+    x = process.run(process.noise(n, torch_generator(rng)), 0, process.K, rng)
     return x.clamp(-1.0, 1.0)
 
 
