@@ -68,6 +68,16 @@ def test_product_of_potentials_is_the_terminal_tilt(bundled, shape):
     assert res.compute["nfe"] == 16 * 6 and res.compute["reward_calls"] == 7
 
 
+def test_reward_on_decoded_strings(bundled):
+    """``decode`` turns token ids into strings before the reward (here: a list of floats)."""
+    model, vocab = bundled
+    fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, decode=vocab.decode, lam=2.0, num_steps=6,
+                              reward=lambda texts: [float("pizza" in t) for t in texts])
+    res = pps.smc(fk, 16, ess_threshold=0.0, seed=2)
+    pizza = np.array([float("pizza" in t) for t in vocab.decode(res.particles.tokens)])
+    np.testing.assert_allclose(res.log_weights, 2.0 * pizza, atol=1e-9)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lam_zero_is_the_base_sampler(bundled, shape):
     model, vocab = bundled
