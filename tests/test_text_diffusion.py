@@ -109,7 +109,7 @@ def steered_draws(fk, N, runs, rng):
 def test_steering_raises_positive_share_with_particles(bundled):
     """Positive share: base sampler < FK with 4 particles < FK with 16 particles, with margins
     from the binomial standard errors (4 sigma against the base, 2 sigma between particle counts);
-    steering keeps the samples about as grammatical as the base sampler's."""
+    grammaticality may drop somewhat (measured: 0.72 base, 0.60 and 0.58 steered) but not collapse."""
     _, vocab = bundled
     fk = review_model(lam=3.0, num_steps=12)
     rng = np.random.default_rng(7)
