@@ -278,17 +278,30 @@ def test_prm_bad_inputs(tiny, tmp_path):
 
 
 def test_toy_prm_loads_and_scores():
-    toy = pytest.importorskip("ppl_scaling.models.toy")
-    if not (toy.TOY_PRM_PATH / "config.json").exists():
+    """The bundled learned toy PRM through the classifier-head path (its quality is
+    measured by scripts/train_toy_prm.py, not here)."""
+    from ppl_scaling.models import toy
+
+    if not (toy.TOY_PRM_PATH / "model.safetensors").exists():
         pytest.skip("toy PRM not trained yet (make toy-models)")
-    prm = ProcessRewardModel.from_pretrained(toy.TOY_PRM_PATH, aggregation="last", transform="p")
+    check_toy_prm(toy.TOY_PRM_PATH)
+
+
+def check_toy_prm(path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    prm = ProcessRewardModel.from_pretrained(path, aggregation="last", transform="p")
     assert prm.scorer.mode == "classifier"
     q = "Q:24+5-4\n"
-    good = Partial(q, ("24+5=29\n", "29-4=25\n", "A:25\n"))
-    bad = Partial(q, ("24+5=31\n", "31-4=27\n", "A:27\n"))
-    p = prm.score([good, bad, Partial(q, good.steps[:1])])
-    assert ((p > 0) & (p < 1)).all()
-    assert p[0] > p[1]
+    xs = [Partial(q, ("24+5=29\n", "29-4=25\n", "A:25\n")), Partial(q, ("24+5=31\n", "31-4=27\n")),
+          Partial(q, ("24+5=29\n",)), Partial(q)]
+    p = prm.score(xs)
+    assert ((p[:3] > 0) & (p[:3] < 1)).all() and p[3] == 0.0
+    model, tok = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        manual = [torch.softmax(model(**tok(x.text, return_tensors="pt")).logits[0], -1)[1].item() for x in xs[:3]]
+    np.testing.assert_allclose(p[:3], manual, rtol=1e-5)
+    check_potential(prm, xs, prefixes=step_prefixes, atol=1e-5, rtol=1e-5)
 
 
 def test_exact_step_checker_as_a_prm():
