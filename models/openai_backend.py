@@ -321,7 +321,9 @@ class OpenAICompatibleLanguageModel(LanguageModel):
             log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
         else:
             log_q = log_p = np.full(R, np.nan)
-        texts = [self.decode([t for t in ids if t not in eos_ids]) for ids in token_ids]
+        rows = [[t for t in ids if t not in eos_ids] for ids in token_ids]
+        texts = (self.client.map(self.decode, rows) if isinstance(self.tokenizer, _ServerTokenizer)
+                 else [self.decode(r) for r in rows])
         return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
 
     def _tokens(self, choice: dict[str, Any]) -> tuple[list[int], np.ndarray]:
