@@ -270,7 +270,8 @@ def read_jsonl(path: str | Path) -> list[Problem]:
             row = json.loads(line)
             for key in ("problem", "answer"):
                 if key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {key!r}; each line needs 'problem' and 'answer'")
+                    raise ValueError(f"{path}:{lineno}: missing field {key!r}; "
+                                     "each line needs 'problem' and 'answer'")
             start, ops = parse_question(row["problem"])
             question = str(start) + "".join(f"{op}{b}" for op, b in ops)
             answer = int(row["answer"])

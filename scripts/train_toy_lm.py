@@ -121,11 +121,13 @@ def evaluate(model, tokenizer, problems: list[toy.Problem], rng: np.random.Gener
     rows = []
     for p, completions in zip(problems, samples):
         c = sum(toy.is_correct(s, p.answer) for s in completions)
-        rows.append((p.difficulty, pass_at_k(n, c, 1), pass_at_k(n, c, n), majority_answer(completions) == p.answer))
+        majority = majority_answer(completions) == p.answer
+        rows.append((p.difficulty, pass_at_k(n, c, 1), pass_at_k(n, c, n), majority))
 
     def summary(sel):
         return {"problems": len(sel), "pass@1": float(np.mean([r[1] for r in sel])),
-                f"pass@{n}": float(np.mean([r[2] for r in sel])), f"majority@{n}": float(np.mean([r[3] for r in sel]))}
+                f"pass@{n}": float(np.mean([r[2] for r in sel])),
+                f"majority@{n}": float(np.mean([r[3] for r in sel]))}
 
     return {**summary(rows), "by_difficulty": {str(d): summary([r for r in rows if r[0] == d])
                                                for d in toy.DIFFICULTIES}}
