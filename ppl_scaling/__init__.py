@@ -15,6 +15,7 @@ from . import resampling, weights
 from .arviz_export import to_arviz
 from .errors import DegenerateWeightsError, PotentialError
 from .fk import FeynmanKac
+from .potentials import Potential, PyroPotential, check_potential
 from .result import SMCResult
 from .rng import as_generator, jax_key, torch_generator
 from .smc import SMC, smc
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FeynmanKac", "SMC", "SMCResult", "smc", "resampling", "weights", "take", "where", "to_arviz",
-    "DegenerateWeightsError", "PotentialError", "as_generator", "torch_generator", "jax_key",
+    "Potential", "PyroPotential", "check_potential", "DegenerateWeightsError", "PotentialError", "as_generator", "torch_generator", "jax_key",
 ]

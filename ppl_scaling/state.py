@@ -35,7 +35,7 @@ def take(state: Any, idx: np.ndarray) -> Any:
     if _is_torch(state):
         import torch
 
-        return state[torch.as_tensor(idx, device=state.device)]
+        return state[torch.as_tensor(np.ascontiguousarray(idx), device=state.device)]
     if _is_jax(state):
         return state[np.asarray(idx)]
     if isinstance(state, dict):
