@@ -105,8 +105,8 @@ def test_math_task_with_a_user_dataset_and_the_run_command(tmp_path, capsys):
     assert "answer" in text and "tokens" in text
 
 
-def test_scaling_comparison_writes_table_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "TOY_PRM_PATH", prm_path())  # the bundled PRM's stand-in
+def test_scaling_comparison_writes_table_and_plot(tmp_path):
+    """With the bundled LM and learned PRM (the defaults)."""
     res = scaling_comparison(tmp_path, problems=2, budgets=(1, 2), methods=("self_consistency", "best_of_n"),
                              progress=False)
     assert res["rows"] == 2 * 2 * 2
