@@ -109,9 +109,16 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
         tok = np.array([max(c.tokens, 1.0) for _, c in cells])
         axes[0].errorbar(b, acc, yerr=se, marker="o", capsize=2, label=m)
         axes[1].errorbar(tok, acc, yerr=se, marker="o", capsize=2, label=m)
-    axes[0].set(xscale="log", xlabel="budget N (particles / samples)", ylabel="accuracy", title="Accuracy vs budget")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    budgets = sorted({b for _, b in table})
+    axes[0].set(xscale="log", xlabel="budget N (particles / samples)", ylabel="accuracy", title="Accuracy vs budget",
+                xticks=budgets)
+    axes[0].xaxis.set_major_formatter(ScalarFormatter())
     axes[1].set(xscale="log", xlabel="generated tokens per problem", ylabel="accuracy",
                 title="Accuracy vs compute")
+    for ax in axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=8)
     if path is not None:
         fig = axes[0].figure
