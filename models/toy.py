@@ -21,7 +21,10 @@ result; the next line must read ``A:<answer>``; nothing may follow it.
 
 ``TOY_LM_PATH`` and ``TOY_PRM_PATH`` are the bundled tiny Llama LM and learned
 (deliberately imperfect) PRM, trained by ``scripts/train_toy_lm.py`` and
-``scripts/train_toy_prm.py`` (``make toy-models``).
+``scripts/train_toy_prm.py`` (``make toy-models``). On the test split the LM
+at temperature 1 has pass@1 0.35, pass@16 0.93, majority@16 0.39; the PRM,
+on the LM's own samples, step-level AUC 0.91 and false-positive rate 0.11
+(``metrics.json`` in each folder).
 """
 from __future__ import annotations
 
