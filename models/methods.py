@@ -13,7 +13,9 @@ Methods (``METHODS``):
     particle_filtering           the PF paper's preset (Puri et al. 2025; ``Weighting.pf_paper``):
                                  reward logit(p) of the PRM's prefix score, FK shape ``last`` with
                                  lam = 1 / softmax temperature, multinomial resampling at every step;
-                                 answer of the highest final PRM score
+                                 answer of the highest final PRM score (the paper's pick; with an
+                                 imperfect PRM a vote over the particles, ``selection=
+                                 "majority_vote"`` or ``"weighted_majority"``, is often better)
     particle_filtering_adaptive  our default: reward log p, ``difference`` shape (exact
                                  intermediate targets p_LM(x_{1:t}) p_t^lam), resampling when
                                  ESS < N/2; answer by weighted majority vote
