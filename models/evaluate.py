@@ -155,11 +155,12 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
              seed: int = 0, model_name: str = "", prm_name: str = "", progress: bool = True) -> list[dict]:
     """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``."""
     methods, budgets = list(methods), [int(b) for b in budgets]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition(":")[0] not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    if prm is None and any(m in NEEDS_PRM for m in methods):
-        raise ValueError(f"methods {[m for m in methods if m in NEEDS_PRM]} need a reward model (--prm)")
+    needs = [m for m in methods if m.partition(":")[0] in NEEDS_PRM]
+    if prm is None and needs:
+        raise ValueError(f"methods {needs} need a reward model (--prm)")
     if not budgets or min(budgets) < 1:
         raise ValueError(f"budgets must be positive integers, got {budgets}")
     settings = {"seed": int(seed), "task": task.name, "model": str(model_name), "prm": str(prm_name)}
@@ -207,7 +208,7 @@ def _check_settings(results: ResultsFile, settings: dict[str, Any], out: str | P
 
 # --- the bundled comparison ---------------------------------------------------------------
 
-QUICK_METHODS = ("particle_filtering", "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts")
+QUICK_METHODS = ("particle_filtering", "particle_filtering:majority_vote", "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts")
 
 
 def scaling_comparison(out_dir: str | Path = "demo_output", *, quick: bool = True, seed: int = 0,

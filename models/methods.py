@@ -32,6 +32,10 @@ Methods (``METHODS``):
     beam_search, dvts            PRM-guided search (``ppl_scaling.samplers.beam``), width M = min(beam_width, N)
                                  (DVTS: N rounded down to a multiple of M)
 
+A name may end with ``:selection`` to pick the final answer with another rule of
+``ppl_scaling.aggregate`` (``particle_filtering:majority_vote``: the paper's particle
+filter, answer by a vote over its final particles).
+
 ``prm`` is a ``ProcessRewardModel`` (or any potential with ``score(partials, finished)``
 returning log-values and, for the PF presets, ``configured(transform=...)``). The
 final PRM score of every candidate, log p(x), is in ``scores``. ``compute`` holds the
@@ -224,22 +228,27 @@ def _snapshot(lm: Any, prm: Any) -> dict[str, float]:
 def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: int,
                rng: np.random.Generator, config: MethodConfig = MethodConfig()) -> MethodOutput:
     """Run ``method`` with budget N = ``budget`` on ``prompt`` (module docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    base, _, selection = method.partition(":")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)} "
+                         f"(optionally with ':selection', selection in {sorted(aggregate.SELECTORS)})")
+    if selection and selection not in aggregate.SELECTORS:
+        raise ValueError(f"unknown selection {selection!r} in {method!r}; choose from {sorted(aggregate.SELECTORS)}")
+    selection = selection or config.selection
     if not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be a positive integer (particles / samples), got {budget!r}")
-    if prm is None and method in NEEDS_PRM:
+    if prm is None and base in NEEDS_PRM:
         raise ValueError(f"method {method!r} needs a reward model: pass prm=... (e.g. ProcessRewardModel."
                          "from_pretrained(path)); only self_consistency runs without one")
     if prm is not None and hasattr(prm, "clear_cache"):
         prm.clear_cache()
     before, start = _snapshot(lm, prm), time.perf_counter()
-    run = METHODS[method](lm, prompt, prm, int(budget), rng, config)
+    run = METHODS[base](lm, prompt, prm, int(budget), rng, config)
     partials: list[Partial] = run.x.partials()
     completions = [p.completion for p in partials]
     answers = [config.extract(c) for c in completions]
     scores = None
-    if prm is not None and (run.uses_prm or config.selection == "best_of_majority"):
+    if prm is not None and (run.uses_prm or selection == "best_of_majority"):
         # cached for every method that scored prefixes during the run
         scores = _log_potential(prm).score(partials, np.ones(len(partials), dtype=bool))
         scores = np.asarray(scores, dtype=np.float64)
@@ -249,7 +258,7 @@ def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: in
     compute["wall_s"] = time.perf_counter() - start
     selector, by = run.selection
     lw = np.asarray(run.log_weights, dtype=np.float64)
-    answer = select(config.selection or selector, answers, scores if by == "scores" else lw, scores, config.key)
+    answer = select(selection or selector, answers, scores if by == "scores" else lw, scores, config.key)
     return MethodOutput(method, int(budget), answer, answers, completions, lw, scores, compute, run.result)
 
 

@@ -58,6 +58,18 @@ def test_particle_filtering_with_the_exact_checker_solves_the_problems():
     assert sum(pf) >= 7, pf
 
 
+def test_a_selection_suffix_changes_only_the_final_pick():
+    lm, prm = toy_lm(), random_prm()
+    a = run_method("particle_filtering", lm, PROBLEM.prompt, prm=prm, budget=8, rng=np.random.default_rng(3),
+                   config=ARITHMETIC_CONFIG)
+    b = run_method("particle_filtering:majority_vote", lm, PROBLEM.prompt, prm=prm, budget=8,
+                   rng=np.random.default_rng(3), config=ARITHMETIC_CONFIG)
+    assert b.completions == a.completions and b.method == "particle_filtering:majority_vote"
+    assert b.answer == aggregate.majority_vote(b.answers)
+    with pytest.raises(ValueError, match="unknown selection"):
+        run_method("particle_filtering:best", lm, PROBLEM.prompt, prm=prm, budget=2, rng=np.random.default_rng(0))
+
+
 def test_bad_requests_are_refused():
     lm = toy_lm()
     with pytest.raises(ValueError, match="unknown method"):
