@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ppl_scaling.metrics import pass_at_k
 from ppl_scaling.models import toy
 from ppl_scaling.models.tokenizer import VOCAB, build_tokenizer
 from ppl_scaling.rng import torch_global_seed
@@ -102,11 +103,6 @@ def sample_completions(model, tokenizer, prompts: list[str], num_samples: int, r
                                  eos_token_id=tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def majority_answer(completions: list[str]) -> int | None:
