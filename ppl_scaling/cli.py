@@ -32,6 +32,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="arithmetic: the bundled toy task; math: a JSONL dataset for a real model")
     p.add_argument("--model", help="language model: local directory or hub id (default for arithmetic: bundled toy LM)")
     p.add_argument("--prm", help="process reward model: local directory or hub id (default for arithmetic: bundled toy PRM)")
+    p.add_argument("--backend", choices=["hf", "vllm", "openai"], default="hf",
+                   help="hf: transformers; vllm: vLLM engine in this process; openai: OpenAI-compatible servers")
+    p.add_argument("--base-url", action="append", default=[], dest="base_urls",
+                   help="with --backend openai: a server URL such as http://host:8000/v1 (repeat for replicas)")
+    p.add_argument("--tokenizer", help="with --backend openai: a local tokenizer (default: the server's /tokenize)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=None, help="LLM sampling temperature (default: the task's)")
@@ -79,7 +84,8 @@ def _models(args) -> tuple[object, object, str, str]:
     prm_path = args.prm or (str(toy.TOY_PRM_PATH) if args.task == "arithmetic" else None)
     if model is None:
         raise ValueError("--task math needs --model (a local directory or a hub id)")
-    lm = ev.load_lm(model, device=args.device, dtype=args.dtype)
+    lm = ev.load_lm(model, device=args.device, dtype=args.dtype, backend=args.backend, base_urls=args.base_urls,
+                    tokenizer=args.tokenizer)
     prm = ev.load_prm(prm_path, device=args.device, dtype=args.dtype, aggregation=args.prm_aggregation,
                       trust_remote_code=args.trust_remote_code) if prm_path else None
     return lm, prm, model, prm_path or ""

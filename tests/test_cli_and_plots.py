@@ -1,15 +1,17 @@
-"""The demo command and the diagnostic plots run and write their files."""
+"""The demo's state-space part and the diagnostic plots run and write their files
+(the LLM and image parts of the demo are tested in test_eval_cli / test_diffusion_toy)."""
 import numpy as np
 
 import ppl_scaling as pps
 from ppl_scaling import plots
-from ppl_scaling.cli import main
+from ppl_scaling.demo import state_space_demo
 from ppl_scaling.ssm import LinearGaussian
 
 
-def test_demo_writes_its_plot(tmp_path):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def test_state_space_demo_matches_kalman_and_writes_its_plot(tmp_path):
+    numbers = state_space_demo(tmp_path)
     assert (tmp_path / "state_space_filter.png").stat().st_size > 10_000
+    assert numbers["max_mean_error"] < 0.3 and abs(numbers["log_evidence"] - numbers["exact_log_evidence"]) < 2
 
 
 def test_plots_need_history_and_draw_on_given_axes():
