@@ -7,7 +7,7 @@ EXTRAS ?= test,llm,diffusion
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test test-vllm demo install toy-models bench-smc bench-diffusion clean
+.PHONY: test test-vllm demo install toy-models bench-smc bench-diffusion bench-llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-smc: $(STAMP) benchmarks/.venv-particles
 
 bench-diffusion: $(STAMP)
 	$(PY) benchmarks/diffusion_overhead.py
+
+bench-llm: $(STAMP)
+	$(PY) benchmarks/llm_overhead.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
