@@ -7,19 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from notebooks import write
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
-
-
-def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=[new_markdown_cell(src.strip()) if kind == "md" else new_code_cell(src.strip())
-                             for kind, src in cells])
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives the same file
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
 
 
 IMAGE = [
@@ -337,8 +327,7 @@ print("lam = 0: all log weights zero:", bool((res0.log_weights == 0).all()),
 
 def main() -> None:
     for name, cells in (("04_image_diffusion_steering.ipynb", IMAGE), ("05_text_diffusion_steering.ipynb", TEXT)):
-        nbformat.write(notebook(cells), TUTORIALS / name)
-        print("wrote", TUTORIALS / name)
+        write(cells, TUTORIALS / name)
 
 
 if __name__ == "__main__":

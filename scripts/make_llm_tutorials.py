@@ -5,19 +5,9 @@
 import sys
 from pathlib import Path
 
-import nbformat as nbf
+from notebooks import write
 
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent
-
-
-def notebook(cells):
-    nb = nbf.v4.new_notebook()
-    nb.cells = [nbf.v4.new_markdown_cell(src.strip()) if kind == "md" else nbf.v4.new_code_cell(src.strip())
-                for kind, src in cells]
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives the same file
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
 
 
 T02 = [
@@ -333,11 +323,10 @@ or from the command line, with your own dataset (one `{"problem": ..., "answer":
 ```bash
 ppl-scaling eval --task math --dataset math500.jsonl --model Qwen/Qwen2.5-Math-1.5B-Instruct \
     --prm Qwen/Qwen2.5-Math-PRM-7B --trust-remote-code --prm-aggregation model --device cuda --dtype bfloat16 \
-    --methods particle_filtering,weighted_best_of_n,dvts --budgets 4,16,32 --out math500.jsonl
+    --methods particle_filtering,weighted_best_of_n,dvts --budgets 4,16,32 --out results_math500.jsonl
 ```
 """),
 ]
 
 for name, cells in (("02_custom_potentials.ipynb", T02), ("03_llm_particle_filtering.ipynb", T03)):
-    nbf.write(notebook(cells), ROOT / "tutorials" / name)
-    print("wrote", ROOT / "tutorials" / name)
+    write(cells, ROOT / "tutorials" / name)
