@@ -107,6 +107,27 @@ def test_particle_filtering_through_server_matches_hf(servers, hf):
 
 
 @needs_vllm
+def test_eval_cli_spreads_a_dataset_evaluation_over_replicas(servers, tmp_path):
+    """`ppl-scaling eval --backend openai --base-url A --base-url B`: every row written, both replicas used."""
+    from ppl_scaling.cli import main
+    from ppl_scaling.models import evaluate as ev
+    from ppl_scaling.models import toy
+
+    lm = ev.load_lm("toy", backend="openai", base_urls=[s.url for s in servers], tokenizer=str(TOY))
+    rows = ev.evaluate(ev.arithmetic_task(3), lm, ev.load_prm(toy.TOY_PRM_PATH), ["particle_filtering"], [4],
+                       tmp_path / "a.jsonl", progress=False)
+    assert len(rows) == 3 and all(isinstance(r["correct"], bool) for r in rows)
+    assert min(r.served for r in lm.client.replicas) > 0
+    out = tmp_path / "cli.jsonl"
+    argv = ["eval", "--backend", "openai", "--model", "toy", "--tokenizer", str(TOY), "--methods", "best_of_n",
+            "--budgets", "2", "--problems", "2", "--out", str(out), "--no-progress"]
+    for s in servers:
+        argv += ["--base-url", s.url]
+    assert main(argv) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+@needs_vllm
 def test_killing_a_replica_mid_run_loses_no_results(servers):
     """Replica B is killed (SIGKILL) while the filter runs; its requests are retried on A,
     and the results equal a run on A alone with the same seeds (sampling is seeded per request)."""
