@@ -235,3 +235,20 @@ def test_to_arviz_layout(lingauss):
     assert np.allclose(idata.smc_stats["log_evidence"].values[:, -1], [r.log_evidence for r in runs])
     single = runs[0].to_arviz()
     assert single.posterior["x"].shape == (1, 50)
+
+
+def test_to_arviz_builds_a_datatree_for_arviz_1(lingauss, monkeypatch):
+    """arviz >= 1 (Python >= 3.12) takes xarray DataTrees: the same groups and layout."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    import xarray as xr
+
+    monkeypatch.setattr(az, "__version__", "1.0.0")
+    model, y = lingauss
+    tree = pps.smc(model.bootstrap(y), 40, seed=0).to_arviz()
+    assert isinstance(tree, xr.DataTree)
+    assert set(tree.children) == {"posterior", "sample_stats", "smc_stats"}
+    assert tree["posterior"]["x"].shape == (1, 40) and tree["smc_stats"]["ess"].dims == ("chain", "step")
