@@ -81,6 +81,11 @@ class StepSample:
     log_q: np.ndarray           # (R,) log-probability of the step under the sampling distribution q_τ
     log_p: np.ndarray           # (R,) log-probability of the step under the model (τ = 1)
 
+    @classmethod
+    def empty(cls, contexts: Contexts) -> "StepSample":
+        """The step of zero rows (every particle has finished)."""
+        return cls(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
+
 
 def sample_tokens(logprobs: torch.Tensor, temperature: float,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

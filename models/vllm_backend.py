@@ -179,7 +179,7 @@ class VLLMLanguageModel(LanguageModel):
                      temperature: float = 1.0, generator: torch.Generator) -> StepSample:
         R = len(contexts)
         if R == 0:
-            return StepSample(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
+            return StepSample.empty(contexts)
         eos_ids = self.eos_token_ids
         common = dict(temperature=float(temperature),
                       max_tokens=1 if step_delimiter is None else int(max_step_tokens),
