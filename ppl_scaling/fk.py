@@ -15,12 +15,20 @@ whose normalising constant L_{T-1} (the *evidence*) SMC estimates without bias.
 
 Subclass ``FeynmanKac`` and write the three methods; ``ppl_scaling.smc`` runs it.
 Any object with these attributes works too (duck typing).
+
+*Dynamics* are FK models of generation alone — an LLM's step sampler, a reverse
+diffusion, a Pyro program's latent moves: ``Dynamics`` has logG = 0 unless it carries
+weights of its own (a proposal correction log p - log q, observation likelihoods), and
+``view(t, x)``, the batch of values a potential scores. ``ppl_scaling.tilt.Tilted``
+turns dynamics and a potential into the steered FK model.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+from .state import num_particles
 
 
 class FeynmanKac:
@@ -45,3 +53,15 @@ class FeynmanKac:
 
     def done(self, t: int, x: Any) -> Any | None:
         return None
+
+
+class Dynamics(FeynmanKac):
+    """FK model of generation without a reward: override ``M0``, ``M`` (and ``done``);
+    ``logG`` is 0 unless the dynamics weight their own moves; ``view(t, x)`` is what a
+    potential scores (default: the state itself)."""
+
+    def logG(self, t: int, xp: Any, x: Any) -> Any:
+        return np.zeros(num_particles(x))
+
+    def view(self, t: int, x: Any) -> Any:
+        return x

@@ -35,6 +35,11 @@ and tuples of them, or objects with ``take(idx)``).
 
 Algebra (every result is again a ``Potential``)::
 
+Coercion: ``as_potential(obj)`` is the boundary every steering method passes its
+reward through — a ``Potential`` is kept, a Python function ``fn(xs) -> log-values``
+becomes ``Potential.from_callable(fn)``; anything else is refused with a hint. So PRMs,
+classifiers, functions and Pyro programs steer LLMs and diffusion alike.
+
     p * q                  log-values add          (product of potentials)
     p ** lam, p.tempered(lam)   log-values times lam >= 0 (-inf stays -inf)
     Potential.from_callable(fn, complete=None)   a Python function of the batch
@@ -48,12 +53,13 @@ from typing import Any
 import numpy as np
 
 from .errors import PotentialError
+from .ledger import record
 from .state import num_particles
 from .state import take as take_state
 
 __all__ = [
     "Potential", "Product", "Tempered", "CallablePotential", "PyroPotential",
-    "check_potential", "PotentialContractTests", "batch_size", "subset",
+    "check_potential", "PotentialContractTests", "batch_size", "subset", "as_potential",
 ]
 
 
@@ -136,8 +142,10 @@ class Potential:
         return as_log_values(getattr(self, method)(xs), n, f"potential {self}.{method}")
 
     def score(self, xs: Any, finished: Any = False) -> np.ndarray:
-        """complete(xs) where ``finished``, prefix(xs) elsewhere; (N,) float64."""
+        """complete(xs) where ``finished``, prefix(xs) elsewhere; (N,) float64.
+        Records ``reward_calls`` = N in the compute ledger."""
         n = batch_size(xs)
+        record(reward_calls=n)
         fin = np.broadcast_to(np.asarray(finished, dtype=bool), (n,))
         if fin.all() or not fin.any():
             return self.evaluate("complete" if fin.any() else "prefix", xs)
@@ -315,6 +323,18 @@ class PyroPotential(Potential):
 
     def complete(self, xs: Any) -> np.ndarray:
         return self._log_values(self.complete_program or self.program, xs)
+
+
+def as_potential(obj: Any, what: str = "reward") -> Potential:
+    """``obj`` as a ``Potential``: potentials pass, callables are wrapped (batched)."""
+    if isinstance(obj, Potential):
+        return obj
+    if callable(obj):
+        return CallablePotential(obj)
+    raise TypeError(
+        f"the {what} must be a Potential or a function of a batch returning log-values, got "
+        f"{type(obj).__name__}; wrap a Pyro program with PyroPotential(program)"
+    )
 
 
 # --- checking a potential against the contract ---------------------------------------

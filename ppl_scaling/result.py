@@ -1,17 +1,30 @@
-"""``SMCResult``: the weighted particle population an SMC run returns, with its
-diagnostics, posterior views and ArviZ export.
+"""``SMCResult``: the one result of every method — the weighted particle population,
+its diagnostics, the compute ledger, posterior and answer views, ArviZ export.
 
 Per-step arrays (``ess``, ``resampled``, ``log_evidence_increments``) have one
 entry per executed step t = 0..steps-1; ``resampled[t]`` says whether the
-particles were resampled at the start of step t.
+particles were selected (resampled) at the start of step t. Search methods (beam,
+DVTS, SVDD, noise search) return search scores as ``log_weights`` and
+``log_evidence = nan``. Methods that score their final particles with a reward
+model put those log-values in ``rewards``; Markov chain methods (particle Gibbs,
+parallel tempering) put the reference path of every iteration in ``trajectories``.
+
+Answer views: given the answer of each particle (e.g. extracted from its text),
+``result.select(answers, rule)`` applies a rule of ``ppl_scaling.aggregate``:
+``argmax_weight``, ``weighted_majority``, ``majority_vote``, ``best_of_majority``
+(by ``rewards`` when the method has them, else by log-weights);
+``result.weighted_answers(answers)`` lists the answer distribution.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import aggregate
+from .ledger import Ledger
 from .rng import as_generator
 from .state import take
 from .weights import ess as _ess
@@ -30,8 +43,10 @@ class SMCResult:
     history: list[Any] | None = None
     log_weights_history: list[np.ndarray] | None = None
     ancestors: list[np.ndarray] | None = None
-    compute: dict[str, float] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
     info: dict[str, Any] = field(default_factory=dict)
+    rewards: np.ndarray | None = None
+    trajectories: list[Any] | None = None
 
     @property
     def num_particles(self) -> int:
@@ -87,6 +102,35 @@ class SMCResult:
         """Distinct ancestors at each step of the surviving lines (path degeneracy)."""
         return np.array([np.unique(b).size for b in self.lineage()])
 
+    # -- answer views -------------------------------------------------------------------
+    def select(self, answers: Sequence[Any], rule: str | None = None, *,
+               key: Callable[[Any], Hashable] | None = None, min_share: float = 0.2) -> Any:
+        """The final answer by ``rule`` (default: the method's own, ``info["selection_rule"]``,
+        else ``argmax_weight``) from the particles' ``answers`` (None = no answer)."""
+        rule = rule or self.info.get("selection_rule", "argmax_weight")
+        if len(answers) != self.num_particles:
+            raise ValueError(f"got {len(answers)} answers for {self.num_particles} particles")
+        kw = {} if key is None else {"key": key}
+        if rule == "argmax_weight":
+            return aggregate.argmax_weight(answers, self.log_weights)
+        if rule == "weighted_majority":
+            return aggregate.weighted_majority(answers, self.log_weights, **kw)
+        if rule == "majority_vote":
+            return aggregate.majority_vote(answers, **kw)
+        if rule == "best_of_majority":
+            scores = self.log_weights if self.rewards is None else self.rewards
+            return aggregate.best_of_majority(answers, scores, min_share, **kw)
+        raise ValueError(f"unknown selection rule {rule!r}; choose from {sorted(aggregate.SELECTORS)}")
+
+    def weighted_answers(self, answers: Sequence[Any]) -> list[tuple[Any, float]]:
+        """Distinct answers with their total normalised weight, heaviest first."""
+        lw = self.log_weights
+        W = normalise(lw) if np.isfinite(np.max(lw)) else np.full(lw.shape, 1.0 / lw.size)
+        totals: dict[Any, float] = {}
+        for a, w in zip(answers, W):
+            totals[a] = totals.get(a, 0.0) + float(w)
+        return sorted(totals.items(), key=lambda kv: -kv[1])
+
     def summary(self) -> str:
         steps = len(self.ess)
         lines = [
@@ -94,12 +138,13 @@ class SMCResult:
             f"  log evidence      {self.log_evidence:.4f}",
             f"  final ESS         {self.final_ess:.1f} / {self.num_particles}",
             f"  min ESS           {self.ess.min():.1f} at step {int(self.ess.argmin())}" if steps else "",
-            f"  resampled         {int(self.resampled.sum())} of {steps} steps ({self.info.get('resampling', '?')})",
+            f"  resampled         {int(self.resampled.sum())} of {steps} steps ({self.info.get('selection', '?')})",
         ]
         if self.done is not None and self.done.any():
             lines.append(f"  finished          {int(self.done.sum())} of {self.num_particles} particles")
-        for k, v in self.compute.items():
-            lines.append(f"  {k:<17} {v:.4g}" if isinstance(v, float) else f"  {k:<17} {v}")
+        for k, v in self.ledger.as_dict().items():
+            if v:
+                lines.append(f"  {k:<17} {v:.4g}" if isinstance(v, float) else f"  {k:<17} {v}")
         return "\n".join(line for line in lines if line)
 
     def __repr__(self) -> str:

@@ -12,13 +12,16 @@ particles on the way. A *shape* fixes the intermediate potentials
 
 and every shape ends with the terminal correction G_final = exp(lam r_final) / Π_{s<final} G_s,
 so the product of all potentials is exactly exp(lam r_final) and the final target
-is the tilted one. ``difference`` telescopes: its intermediate target at every step
+is the tilted one. ``lam = 0`` keeps the support and nothing else: G_t = 1 where the
+reward is finite and 0 where it is -inf (the same rule as ``Potential.tempered(0)``; pass
+no potential at all for the untilted base). ``difference`` telescopes: its intermediate target at every step
 is p(x_{0:t}) exp(lam r_t), so it is exact for any N. ``max``, ``sum`` and ``last``
 over-tilt the intermediate targets and rely on the final correction: consistent
 as N -> inf, biased at finite N.
 
 Per-particle bookkeeping lives in a dict of arrays carried in the particle state
-(so that resampling reindexes it)::
+(so that resampling reindexes it); ``ppl_scaling.tilt.Tilted`` does this for any
+dynamics. Rewards reach ``step`` already validated (``Potential.score``)::
 
     shape = FKShape("difference", lam=2.0)
     acc = shape.init(N)
@@ -41,8 +44,8 @@ class FKShape:
     def __post_init__(self) -> None:
         if self.name not in SHAPES:
             raise ValueError(f"unknown potential shape {self.name!r}; choose one of {SHAPES}")
-        if not np.isfinite(self.lam):
-            raise ValueError(f"lam must be finite, got {self.lam}")
+        if not (np.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be finite and >= 0, got {self.lam}")
 
     def init(self, N: int) -> dict[str, np.ndarray]:
         """Accumulators: ``stat`` (previous reward, running max or running sum) and
@@ -54,9 +57,6 @@ class FKShape:
              final: np.ndarray | bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Potential of this step for rewards ``r`` (N,); ``final`` marks particles
         whose reward is the final one (terminal correction)."""
-        r = np.asarray(r, dtype=np.float64)
-        if np.isnan(r).any():
-            raise ValueError(f"reward is NaN for {int(np.isnan(r).sum())} particles; return -inf to reject")
         final = np.broadcast_to(np.asarray(final, dtype=bool), r.shape)
         stat, log_prod = acc["stat"], acc["log_prod"]
         if self.name == "difference":
@@ -67,8 +67,8 @@ class FKShape:
             new_stat = stat + r
         else:  # last
             new_stat = r
-        if self.lam == 0.0:
-            logG = np.zeros_like(r)
+        if self.lam == 0.0:  # the support only: a rejection (-inf) is final
+            logG = np.where(np.isneginf(r) & ~np.isneginf(log_prod), -np.inf, 0.0)
         else:
             with np.errstate(invalid="ignore"):
                 if self.name == "difference":

@@ -1,11 +1,11 @@
 """The SMC engine: *how* to sample a Feynman-Kac model.
 
 One loop serves every method in this toolkit (particle filtering, FK steering,
-importance sampling / best-of-N, conditional SMC for particle Gibbs)::
+importance sampling / best-of-N, beam search, DVTS, SVDD, conditional SMC)::
 
     t = 0:   x_0 ~ M0;                       lw = logG(0, None, x_0)
-    t >= 1:  if time to resample:  A ~ scheme(W),  x = x[A],  lw = 0
-             x_t ~ M(t, x_{t-1});            lw += logG(t, x_{t-1}, x_t)
+    t >= 1:  A, lw = select(t, lw)           (resampling: A ~ scheme(W), lw = 0, when due)
+             x_t ~ M(t, x_{t-1}[A]);         lw += logG(t, x_{t-1}, x_t)
 
 Weights are carried between resampling steps. The evidence increment at step t
 is the ratio of mean weights
@@ -14,23 +14,39 @@ is the ratio of mean weights
 
 which keeps Z unbiased under adaptive (ESS-triggered) resampling. Finished
 particles (``fk.done``) keep their state and get logG = 0 from the step after
-they finish; the run stops early once all have finished.
+they finish; the run stops early once all have finished, or when ``stop(state)`` says so.
+
+The engine is steppable: ``init`` and ``step`` are pure functions of an immutable
+``SMCState`` (BlackJAX style), ``run`` is the loop, and iterating yields every state::
+
+    algo = SMC(fk, num_particles=1000)
+    state = algo.init(rng)
+    while not algo.finished(state):
+        state = algo.step(state, rng)
+    result = algo.result(state)            # == algo.run(rng) for the same rng
+    for state in algo.states(rng): ...     # the same, as in ``particles``
 
     result = smc(fk, num_particles=1000, ess_threshold=0.5, seed=0)
-    result.log_evidence, result.ess, result.weights
+    result.log_evidence, result.ess, result.weights, result.ledger
+
+``selection`` (``ppl_scaling.selection``) generalises resampling: ``Beam`` and ``Groups``
+keep the best paths with their scores (beam search, DVTS, SVDD) on this same loop.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .errors import DegenerateWeightsError, PotentialError
-from .resampling import Scheme, get_scheme
+from .ledger import Ledger, recording
+from .resampling import Scheme
 from .result import SMCResult
 from .rng import as_generator
+from .selection import Resample, Selection
 from .state import num_particles, take, where
 from .weights import summarise
 
@@ -55,13 +71,42 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
     return arr
 
 
+@dataclass(frozen=True)
+class SMCState:
+    """Everything an SMC run carries between steps (immutable; ``SMC.step`` returns a new one).
+
+    ``t`` is the number of steps done (the next step to run); ``W``, ``lse`` and ``ess``
+    cache the normalised weights, log Σ exp(lw) and ESS of ``log_weights``. Per-step traces
+    are tuples with one entry per step done; ``history`` / ``log_weights_history`` /
+    ``ancestors`` are None unless the run stores its history.
+    """
+
+    t: int
+    particles: Any
+    log_weights: np.ndarray
+    W: np.ndarray | None
+    lse: float
+    ess: float
+    log_evidence: float
+    done: np.ndarray
+    ess_trace: tuple[float, ...] = ()
+    resampled: tuple[bool, ...] = ()
+    increments: tuple[float, ...] = ()
+    history: tuple[Any, ...] | None = None
+    log_weights_history: tuple[np.ndarray, ...] | None = None
+    ancestors: tuple[np.ndarray, ...] | None = None
+    ledger: Ledger = field(default_factory=Ledger)
+
+
 class SMC:
     """Sequential Monte Carlo over ``fk`` with ``num_particles`` particles.
 
-    Resampling happens at the start of step t >= 1 either when ESS < ess_threshold * N
-    (``ess_threshold`` = 0: never, i.e. importance sampling; >= 1: every step), or,
-    if ``resample_at`` is given, exactly at those steps.
-    Subclasses change one piece by overriding ``initial``, ``move`` or ``ancestors``.
+    Before each step t >= 1 the ``selection`` picks the particles that continue; the
+    default, ``Resample(resampling, ess_threshold, resample_at)``, resamples when
+    ESS < ess_threshold * N (0: never, i.e. importance sampling; 1: every step), or, if
+    ``resample_at`` is given, exactly at those steps. ``stop(state) -> bool`` ends the run
+    early (after any step). Subclasses change one piece by overriding ``initial``, ``move``
+    or ``select``.
     """
 
     def __init__(
@@ -72,23 +117,22 @@ class SMC:
         ess_threshold: float = 0.5,
         resampling: str | Scheme = "systematic",
         resample_at: Iterable[int] | None = None,
+        selection: Selection | None = None,
+        stop: Callable[[SMCState], bool] | None = None,
         store_history: bool = False,
         progress: bool = False,
     ) -> None:
-        if not isinstance(num_particles, (int, np.integer)) or num_particles < 1:
+        if isinstance(num_particles, bool) or not isinstance(num_particles, (int, np.integer)) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-        if not 0.0 <= ess_threshold <= 1.0:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
         T = getattr(fk, "T", None)
         if T is None or int(T) < 1:
             raise ValueError(f"{type(fk).__name__}.T must be a positive number of steps, got {T!r}")
         self.fk = fk
         self.N = int(num_particles)
         self.T = int(T)
-        self.ess_threshold = float(ess_threshold)
-        self.scheme = get_scheme(resampling)
-        self.resampling_name = resampling if isinstance(resampling, str) else getattr(resampling, "__name__", "custom")
-        self.resample_at = None if resample_at is None else frozenset(int(t) for t in resample_at)
+        self.selection = selection or Resample(resampling, ess_threshold, resample_at)
+        self.selection.validate(self.N, self.T)
+        self.stop = stop
         self.store_history = store_history
         self.progress = progress
 
@@ -99,108 +143,130 @@ class SMC:
     def move(self, t: int, xp: Any, rng: np.random.Generator) -> Any:
         return self.fk.M(t, xp, rng)
 
-    def ancestors(self, rng: np.random.Generator, W: np.ndarray) -> np.ndarray:
-        return self.scheme(rng, W)
+    def select(self, t: int, rng: np.random.Generator, state: SMCState) -> tuple[np.ndarray | None, np.ndarray]:
+        return self.selection(t, rng, state.log_weights, state.W, state.ess, state.done)
 
-    def time_to_resample(self, t: int, ess: float) -> bool:
-        """Resample at the start of step t, given the ESS of the current weights?"""
-        if self.resample_at is not None:
-            return t in self.resample_at
-        if self.ess_threshold <= 0.0:
-            return False
-        return self.ess_threshold >= 1.0 or ess < self.ess_threshold * self.N
+    # -- the kernel ---------------------------------------------------------------------
+    def init(self, rng: np.random.Generator) -> SMCState:
+        """Step t = 0: draw x_0 ~ M0 and weight it by G_0."""
+        N = self.N
+        empty = np.zeros(N)
+        state = SMCState(t=0, particles=None, log_weights=empty, W=None, lse=float(np.log(N)), ess=float(N),
+                         log_evidence=0.0, done=np.zeros(N, dtype=bool),
+                         history=() if self.store_history else None,
+                         log_weights_history=() if self.store_history else None,
+                         ancestors=() if self.store_history else None)
+        with recording() as spent:
+            x = self.initial(rng)
+            n = num_particles(x)
+            if n is not None and n != N:
+                raise ValueError(f"{type(self.fk).__name__}.M0 returned {n} particles; expected {N}")
+            new = self._weigh(state, None, x, None)
+        return replace(new, ledger=state.ledger + spent)
 
-    # -- the loop ----------------------------------------------------------------------
-    def run(self, rng: np.random.Generator) -> SMCResult:
-        fk, N = self.fk, self.N
-        counters0 = _counters(fk)
-        start = time.perf_counter()
-        lw = np.zeros(N)
-        lse, W, ess_now = float(np.log(N)), None, float(N)  # logsumexp(lw), normalised lw, ESS
-        done = np.zeros(N, dtype=bool)
-        log_Z = 0.0
-        ess_trace, resampled, increments = [], [], []
-        history: list[Any] = []
-        lw_history: list[np.ndarray] = []
-        ancestry: list[np.ndarray] = []
-        x: Any = None
-        bar = tqdm(total=self.T, desc="SMC", disable=not self.progress, leave=False)
-        for t in range(self.T):
-            A = None  # identity ancestry unless resampled
-            did_resample = False
-            if t == 0:
-                xp = None
-                x = self.initial(rng)
-                n = num_particles(x)
-                if n is not None and n != N:
-                    raise ValueError(f"{type(fk).__name__}.M0 returned {n} particles; expected {N}")
-            else:
-                if done.all():
-                    break
-                if self.time_to_resample(t, ess_now):
-                    A = self.ancestors(rng, W)
-                    x, lw, done = take(x, A), np.zeros(N), done[A]
-                    lse = float(np.log(N))
-                    did_resample = True
-                xp = x
-                x = self.move(t, xp, rng)
-                if done.any():
-                    x = where(done, xp, x)
-            lG = as_log_potential(fk.logG(t, xp, x), N, t)
+    def step(self, state: SMCState, rng: np.random.Generator) -> SMCState:
+        """Step t = state.t >= 1: select, move with M, weight with G_t."""
+        t = state.t
+        if t < 1 or t >= self.T:
+            raise ValueError(f"step needs 1 <= state.t < T = {self.T}, got t = {t}; start with init(rng)")
+        with recording() as spent:
+            A, lw = self.select(t, rng, state)
+            x, done = state.particles, state.done
+            if A is not None:
+                x, done = take(x, A), done[A]
+                lse, W, ess_now = summarise(lw)
+                state = replace(state, log_weights=lw, lse=lse, W=W, ess=ess_now, done=done)
+            xp = x
+            x = self.move(t, xp, rng)
+            n = num_particles(x)
+            if n is not None and n != self.N:
+                raise ValueError(f"{type(self.fk).__name__}.M at t={t} returned {n} particles; expected {self.N}")
             if done.any():
-                lG = np.where(done, 0.0, lG)
-            new_lw = lw + lG
-            new_lse, W, ess_now = summarise(new_lw)
-            increment = new_lse - lse
-            if increment == -np.inf:
-                raise DegenerateWeightsError(
-                    f"all {N} particles have weight zero (logG = -inf) at step t={t} of {type(fk).__name__}. "
-                    "Use more particles, a softer potential (finite penalty or tempering), or a proposal "
-                    "that respects the constraint."
-                )
-            lw, lse, log_Z = new_lw, new_lse, log_Z + increment
-            finished = fk.done(t, x) if hasattr(fk, "done") else None
-            if finished is not None:
-                finished = np.asarray(finished, dtype=bool)
-                if finished.shape != (N,):
-                    raise ValueError(f"{type(fk).__name__}.done at t={t} returned shape {finished.shape}; expected ({N},)")
-                done = done | finished
-            ess_trace.append(ess_now)
-            resampled.append(did_resample)
-            increments.append(increment)
-            if self.store_history:
-                history.append(x)
-                lw_history.append(lw)
-                ancestry.append(np.arange(N) if A is None else A)
-            bar.update(1)
-        bar.close()
-        compute = {"wall_s": time.perf_counter() - start, "steps": len(ess_trace), "resamples": int(sum(resampled))}
-        compute.update(_counter_delta(counters0, _counters(fk)))
-        return SMCResult(
-            particles=x,
-            log_weights=lw,
-            log_evidence=log_Z,
-            ess=np.asarray(ess_trace),
-            resampled=np.asarray(resampled, dtype=bool),
-            log_evidence_increments=np.asarray(increments),
-            done=done,
-            history=history if self.store_history else None,
-            log_weights_history=lw_history if self.store_history else None,
-            ancestors=ancestry if self.store_history else None,
-            compute=compute,
-            info={"num_particles": N, "resampling": self.resampling_name, "ess_threshold": self.ess_threshold,
-                  "resample_at": None if self.resample_at is None else sorted(self.resample_at),
-                  "model": type(fk).__name__},
+                x = where(done, xp, x)
+            new = self._weigh(state, xp, x, A)
+        return replace(new, ledger=state.ledger + spent)
+
+    def _weigh(self, state: SMCState, xp: Any, x: Any, A: np.ndarray | None) -> SMCState:
+        t, N, fk = state.t, self.N, self.fk
+        lG = as_log_potential(fk.logG(t, xp, x), N, t)
+        done = state.done
+        if done.any():
+            lG = np.where(done, 0.0, lG)
+        new_lw = state.log_weights + lG
+        new_lse, W, ess_now = summarise(new_lw)
+        increment = new_lse - state.lse
+        if increment == -np.inf:
+            raise DegenerateWeightsError(
+                f"all {N} particles have weight zero (logG = -inf) at step t={t} of {type(fk).__name__}. "
+                "Use more particles, a softer potential (finite penalty or tempering), or a proposal "
+                "that respects the constraint."
+            )
+        finished = fk.done(t, x) if hasattr(fk, "done") else None
+        if finished is not None:
+            finished = np.asarray(finished, dtype=bool)
+            if finished.shape != (N,):
+                raise ValueError(f"{type(fk).__name__}.done at t={t} returned shape {finished.shape}; expected ({N},)")
+            done = done | finished
+        keep = self.store_history
+        return SMCState(
+            t=t + 1, particles=x, log_weights=new_lw, W=W, lse=new_lse, ess=ess_now,
+            log_evidence=state.log_evidence + increment, done=done,
+            ess_trace=state.ess_trace + (ess_now,), resampled=state.resampled + (A is not None,),
+            increments=state.increments + (increment,),
+            history=state.history + (x,) if keep else None,
+            log_weights_history=state.log_weights_history + (new_lw,) if keep else None,
+            ancestors=state.ancestors + (np.arange(N) if A is None else A,) if keep else None,
+            ledger=state.ledger,
         )
 
+    def finished(self, state: SMCState) -> bool:
+        """True when the run is over: T steps done, every particle finished, or ``stop``."""
+        return (state.t >= self.T or bool(state.done.all())
+                or (self.stop is not None and state.t > 0 and bool(self.stop(state))))
 
-def _counters(fk: Any) -> dict[str, float]:
-    get = getattr(fk, "counters", None)
-    return dict(get()) if callable(get) else {}
+    # -- loops ----------------------------------------------------------------------------
+    def states(self, rng: np.random.Generator) -> Iterator[SMCState]:
+        """Every state of a run, from ``init`` to the last step."""
+        state = self.init(rng)
+        yield state
+        with tqdm(total=self.T, initial=1, desc="SMC", disable=not self.progress, leave=False) as bar:
+            while not self.finished(state):
+                state = self.step(state, rng)
+                bar.update(1)
+                yield state
 
+    def run(self, rng: np.random.Generator) -> SMCResult:
+        state = None
+        for state in self.states(rng):
+            pass
+        return self.result(state)
 
-def _counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0) for k, v in after.items()}
+    def result(self, state: SMCState) -> SMCResult:
+        """The ``SMCResult`` of a state (usually the last)."""
+        unbiased = self.selection.unbiased
+        increments = np.asarray(state.increments) if unbiased else np.full(state.t, np.nan)
+        return SMCResult(
+            particles=state.particles,
+            log_weights=state.log_weights,
+            log_evidence=state.log_evidence if unbiased else float("nan"),
+            ess=np.asarray(state.ess_trace),
+            resampled=np.asarray(state.resampled, dtype=bool),
+            log_evidence_increments=increments,
+            done=state.done,
+            history=None if state.history is None else list(state.history),
+            log_weights_history=None if state.log_weights_history is None else list(state.log_weights_history),
+            ancestors=None if state.ancestors is None else list(state.ancestors),
+            ledger=state.ledger,
+            info={"num_particles": self.N, "selection": self.selection.name, "model": type(self.fk).__name__,
+                  **self._selection_info()},
+        )
+
+    def _selection_info(self) -> dict[str, Any]:
+        sel = self.selection
+        if isinstance(sel, Resample):
+            return {"ess_threshold": sel.ess_threshold,
+                    "resample_at": None if sel.resample_at is None else sorted(sel.resample_at)}
+        return {}
 
 
 def smc(
@@ -210,6 +276,8 @@ def smc(
     ess_threshold: float = 0.5,
     resampling: str | Scheme = "systematic",
     resample_at: Iterable[int] | None = None,
+    selection: Selection | None = None,
+    stop: Callable[[SMCState], bool] | None = None,
     seed: int | None = None,
     rng: np.random.Generator | None = None,
     store_history: bool = False,
@@ -221,6 +289,6 @@ def smc(
     reproducibility. ``store_history=True`` keeps every step's particles and
     ancestors, for genealogies and ``SMCResult.paths()``.
     """
-    algo = SMC(fk, num_particles, ess_threshold=ess_threshold, resampling=resampling,
-               resample_at=resample_at, store_history=store_history, progress=progress)
+    algo = SMC(fk, num_particles, ess_threshold=ess_threshold, resampling=resampling, resample_at=resample_at,
+               selection=selection, stop=stop, store_history=store_history, progress=progress)
     return algo.run(as_generator(seed, rng))

@@ -53,10 +53,10 @@ class ConditionalSMC(SMC):
     def move(self, t, xp, rng):
         return self._pin(t, super().move(t, xp, rng))
 
-    def ancestors(self, rng, W):
-        A = multinomial(rng, W)
+    def select(self, t, rng, state):
+        A = multinomial(rng, state.W)
         A[0] = 0
-        return A
+        return A, np.zeros(self.N)
 
 
 def draw_trajectory(result: SMCResult, rng: np.random.Generator) -> list[Any]:

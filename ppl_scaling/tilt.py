@@ -1,0 +1,162 @@
+"""Tilting dynamics by a potential: the one place where rewards become potentials G_t.
+
+    fk = Tilted(dynamics, potential, shape="difference", lam=1.0, at=None)
+    result = pps.smc(fk, num_particles=16, seed=0)
+
+``dynamics`` is an FK model of generation (``ppl_scaling.fk.Dynamics``: ``M0``, ``M``,
+optional ``done`` and ``logG`` of its own) and ``potential`` a ``Potential`` (or a
+function, coerced by ``as_potential``) with log-value r(x), the reward. The tilted
+model targets
+
+    pi(x_{0:T}) ∝ dynamics' target(x_{0:T}) · exp(lam r(x_final)),
+
+reached through intermediate rewards r_t of the states on the way, turned into
+potentials by an FK shape (``ppl_scaling.shapes``: difference, max, sum, last, with the
+terminal correction, so the product of all potentials is exactly exp(lam r(x_final))).
+
+What happens at step t, for the particles that moved (not finished before t):
+
+    finished   dynamics.done(t, x); every particle at the last step t = T - 1
+    r_t        potential.score(view, finished): ``complete`` for finished particles,
+               ``prefix`` for the others, on ``dynamics.view(t, x)`` (what the potential
+               reads: partial texts, decoded x0 predictions); only at the steps in ``at``
+               (default: every step) and when a particle finishes
+    logG_t     shape(r_t) + dynamics.logG(t, xp, x)
+
+Dynamics that score a state in their own way (e.g. a Monte Carlo soft value over
+several x0 draws) define ``rewards(t, x, rows, finished, potential, rng)``. The shape
+accumulators, the latest rewards and the finished flags travel in ``TiltedState``, so
+resampling reindexes them with the particles. Rewards are validated once, by
+``Potential.score``. ``lam = 0`` keeps the potential's support only (see ``shapes``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .potentials import as_potential, subset
+from .shapes import FKShape
+from .state import num_particles, take, where
+
+__all__ = ["Tilted", "TiltedState"]
+
+
+@dataclass(frozen=True, eq=False)
+class TiltedState:
+    """The dynamics' state ``base`` plus per-particle tilt bookkeeping. Attributes it
+    does not have are read from ``base`` (``state.x``, ``state.partials()``)."""
+
+    base: Any
+    acc: dict[str, np.ndarray]   # FK-shape accumulators
+    logG: np.ndarray             # (N,) shaped log potential of the latest step
+    reward: np.ndarray           # (N,) latest evaluated reward (nan before the first)
+    done: np.ndarray             # (N,) bool: finished
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.done.shape[0])
+
+    def take(self, idx: np.ndarray) -> TiltedState:
+        return TiltedState(take(self.base, idx), take(self.acc, idx), self.logG[idx], self.reward[idx],
+                           self.done[idx])
+
+    def where(self, mask: np.ndarray, other: TiltedState) -> TiltedState:
+        return TiltedState(where(mask, self.base, other.base), where(mask, self.acc, other.acc),
+                           np.where(mask, self.logG, other.logG), np.where(mask, self.reward, other.reward),
+                           np.where(mask, self.done, other.done))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class Tilted:
+    """``dynamics`` tilted by ``potential`` ** ``lam`` through an FK ``shape`` (module docstring).
+    ``at``: the steps at which intermediate rewards are evaluated (default all; the
+    step where a particle finishes always is)."""
+
+    def __init__(self, dynamics: Any, potential: Any, *, shape: str = "difference", lam: float = 1.0,
+                 at: Iterable[int] | None = None) -> None:
+        T = getattr(dynamics, "T", None)
+        if T is None or int(T) < 1:
+            raise ValueError(f"{type(dynamics).__name__}.T must be a positive number of steps, got {T!r}")
+        self.dynamics, self.T = dynamics, int(T)
+        self.potential = as_potential(potential)
+        self.shape = FKShape(shape, float(lam))
+        if at is None:
+            self.at = None
+        else:
+            self.at = frozenset(int(t) for t in at)
+            bad = sorted(t for t in self.at if not 0 <= t < self.T)
+            if bad:
+                raise ValueError(f"reward steps (at) {bad} are outside 0..{self.T - 1}")
+
+    @property
+    def lam(self) -> float:
+        return self.shape.lam
+
+    def __repr__(self) -> str:
+        return (f"Tilted({type(self.dynamics).__name__}, {self.potential!r}, shape={self.shape.name!r}, "
+                f"lam={self.lam:g})")
+
+    # -- the FK model ----------------------------------------------------------------
+    def M0(self, N: int, rng: np.random.Generator) -> TiltedState:
+        return self._tilt(0, None, self.dynamics.M0(N, rng), rng)
+
+    def M(self, t: int, xp: TiltedState, rng: np.random.Generator) -> TiltedState:
+        return self._tilt(t, xp, self.dynamics.M(t, xp.base, rng), rng)
+
+    def logG(self, t: int, xp: TiltedState | None, x: TiltedState) -> np.ndarray:
+        own = getattr(self.dynamics, "logG", None)
+        if own is None:
+            return x.logG
+        return x.logG + np.asarray(own(t, None if xp is None else xp.base, x.base), dtype=np.float64)
+
+    def done(self, t: int, x: TiltedState) -> np.ndarray:
+        return x.done
+
+    # -- one step --------------------------------------------------------------------
+    def _tilt(self, t: int, xp: TiltedState | None, x: Any, rng: np.random.Generator) -> TiltedState:
+        N = num_particles(x)
+        if N is None:
+            raise TypeError(f"cannot tell the number of particles in a {type(x).__name__} state; "
+                            "give it a num_particles attribute")
+        moved = np.ones(N, dtype=bool) if xp is None else ~xp.done
+        get_done = getattr(self.dynamics, "done", None)
+        finished = get_done(t, x) if get_done is not None else None
+        finished = np.zeros(N, dtype=bool) if finished is None else np.array(finished, dtype=bool)
+        if finished.shape != (N,):
+            raise ValueError(f"{type(self.dynamics).__name__}.done at t={t} returned shape {finished.shape}; "
+                             f"expected ({N},)")
+        if t == self.T - 1:
+            finished[:] = True
+        finished &= moved
+        if xp is None:
+            acc, reward = self.shape.init(N), np.full(N, np.nan)
+        else:
+            acc, reward = {k: v.copy() for k, v in xp.acc.items()}, xp.reward.copy()
+        logG = np.zeros(N)
+        due = finished if self.at is not None and t not in self.at else moved
+        rows = np.flatnonzero(due)
+        if rows.size:
+            r = self._rewards(t, x, rows, finished[rows], rng)
+            logG[rows], new = self.shape.step({k: v[rows] for k, v in acc.items()}, r, final=finished[rows])
+            for k in acc:
+                acc[k][rows] = new[k]
+            reward[rows] = r
+        done = finished if xp is None else xp.done | finished
+        return TiltedState(x, acc, logG, reward, done)
+
+    def _rewards(self, t: int, x: Any, rows: np.ndarray, finished: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+        own = getattr(self.dynamics, "rewards", None)
+        if own is not None:
+            return own(t, x, rows, finished, self.potential, rng)
+        view = self.dynamics.view(t, x) if hasattr(self.dynamics, "view") else x
+        if rows.size != num_particles(x):
+            view = subset(view, rows)
+        return self.potential.score(view, finished)
