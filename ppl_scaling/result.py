@@ -11,14 +11,14 @@ parallel tempering) put the reference path of every iteration in ``trajectories`
 
 Answer views: given the answer of each particle (e.g. extracted from its text),
 ``result.select(answers, rule)`` applies a rule of ``ppl_scaling.aggregate``:
-``argmax_weight``, ``weighted_majority``, ``majority_vote``, ``best_of_majority``
-(by ``rewards`` when the method has them, else by log-weights);
+``argmax_weight``, ``argmax_reward``, ``weighted_majority``, ``majority_vote``,
+``best_of_majority`` (by ``rewards`` when the method has them, else by log-weights);
 ``result.weighted_answers(answers)`` lists the answer distribution.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,8 @@ from .rng import as_generator
 from .state import take
 from .weights import ess as _ess
 from .weights import normalise
+
+SELECTION_RULES = frozenset(aggregate.SELECTORS) | {"argmax_reward"}
 
 
 @dataclass
@@ -106,21 +108,37 @@ class SMCResult:
     def select(self, answers: Sequence[Any], rule: str | None = None, *,
                key: Callable[[Any], Hashable] | None = None, min_share: float = 0.2) -> Any:
         """The final answer by ``rule`` (default: the method's own, ``info["selection_rule"]``,
-        else ``argmax_weight``) from the particles' ``answers`` (None = no answer)."""
+        else ``argmax_weight``) from the particles' ``answers`` (None = no answer).
+        ``argmax_reward`` picks the answer of the particle with the highest final reward."""
         rule = rule or self.info.get("selection_rule", "argmax_weight")
         if len(answers) != self.num_particles:
             raise ValueError(f"got {len(answers)} answers for {self.num_particles} particles")
         kw = {} if key is None else {"key": key}
         if rule == "argmax_weight":
             return aggregate.argmax_weight(answers, self.log_weights)
+        if rule == "argmax_reward":
+            return aggregate.argmax_weight(answers, self._scores())
         if rule == "weighted_majority":
             return aggregate.weighted_majority(answers, self.log_weights, **kw)
         if rule == "majority_vote":
             return aggregate.majority_vote(answers, **kw)
         if rule == "best_of_majority":
-            scores = self.log_weights if self.rewards is None else self.rewards
-            return aggregate.best_of_majority(answers, scores, min_share, **kw)
-        raise ValueError(f"unknown selection rule {rule!r}; choose from {sorted(aggregate.SELECTORS)}")
+            return aggregate.best_of_majority(answers, self._scores(), min_share, **kw)
+        raise ValueError(f"unknown selection rule {rule!r}; choose from {sorted(SELECTION_RULES)}")
+
+    def _scores(self) -> np.ndarray:
+        return self.log_weights if self.rewards is None else self.rewards
+
+    def for_method(self, method: str, selection_rule: str, **info: Any) -> SMCResult:
+        """This result labelled as the output of ``method`` with its default answer rule;
+        ``rewards`` default to the final rewards a ``Tilted`` run carries."""
+        if selection_rule not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {selection_rule!r}; choose from {sorted(SELECTION_RULES)}")
+        rewards = self.rewards
+        if rewards is None and isinstance(getattr(self.particles, "reward", None), np.ndarray):
+            rewards = self.particles.reward
+        return replace(self, rewards=rewards, info={**self.info, "method": method,
+                                                    "selection_rule": selection_rule, **info})
 
     def weighted_answers(self, answers: Sequence[Any]) -> list[tuple[Any, float]]:
         """Distinct answers with their total normalised weight, heaviest first."""

@@ -24,7 +24,8 @@ What happens at step t, for the particles that moved (not finished before t):
     logG_t     shape(r_t) + dynamics.logG(t, xp, x)
 
 Dynamics that score a state in their own way (e.g. a Monte Carlo soft value over
-several x0 draws) define ``rewards(t, x, rows, finished, potential, rng)``. The shape
+several x0 draws) define ``rewards(t, x, rows, finished, tilt, rng)``: the rewards of
+particles ``rows`` of ``x``, read with ``tilt.potential`` (and ``tilt.lam``). The shape
 accumulators, the latest rewards and the finished flags travel in ``TiltedState``, so
 resampling reindexes them with the particles. Rewards are validated once, by
 ``Potential.score``. ``lam = 0`` keeps the potential's support only (see ``shapes``).
@@ -155,7 +156,7 @@ class Tilted:
                  rng: np.random.Generator) -> np.ndarray:
         own = getattr(self.dynamics, "rewards", None)
         if own is not None:
-            return own(t, x, rows, finished, self.potential, rng)
+            return own(t, x, rows, finished, self, rng)
         view = self.dynamics.view(t, x) if hasattr(self.dynamics, "view") else x
         if rows.size != num_particles(x):
             view = subset(view, rows)

@@ -1,15 +1,31 @@
-"""Samplers built on the SMC engine. Each returns an ``SMCResult`` (or a
-collection of them), so evaluation code treats them alike.
+"""Every inference method, one file per family, each returning an ``SMCResult``.
 
-- ``importance_sampling``: no resampling (best-of-N with weights).
-- ``particle_gibbs`` / ``ConditionalSMC``: conditional SMC with a reference path.
-- ``parallel_tempering``: conditional SMC chains at several potential temperatures, swapping paths.
-- ``beam_search`` / ``dvts``: deterministic top-k selection (the mode-seeking baselines).
+``METHODS`` maps a name to a method ``f(model, budget, *, potential=..., rng=..., **options)``:
+``model`` is dynamics (``ppl_scaling.models.StepModel``, ``ppl_scaling.diffusion``
+models, any ``Dynamics``) or an FK model, ``potential`` the reward (a ``Potential`` or a
+function; the method tilts the model by it), ``budget`` the number of particles /
+samples / beams (N generations' worth of work).
+
+    file                     methods
+    particle_filtering.py    particle_filtering (PF-paper preset), particle_filtering_adaptive
+    best_of_n.py             best_of_n, weighted_best_of_n, self_consistency
+    beam.py                  beam_search, dvts
+    importance.py            importance_sampling (any FK model)
+    particle_gibbs.py        particle_gibbs (conditional SMC)
+    parallel_tempering.py    parallel_tempering
 """
+from . import beam as _beam
+from . import best_of_n as _best_of_n
+from . import particle_filtering as _particle_filtering
 from .beam import beam_search, dvts
+from .best_of_n import best_of_n, self_consistency, weighted_best_of_n
 from .importance import importance_sampling
 from .parallel_tempering import ParallelTemperingResult, TemperedFK, parallel_tempering
+from .particle_filtering import paper_tilt, particle_filtering, pf_paper
 from .particle_gibbs import ConditionalSMC, ParticleGibbsResult, draw_trajectory, particle_gibbs
 
-__all__ = ["importance_sampling", "particle_gibbs", "ConditionalSMC", "ParticleGibbsResult", "draw_trajectory",
-           "parallel_tempering", "ParallelTemperingResult", "TemperedFK", "beam_search", "dvts"]
+METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS}
+
+__all__ = ["METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
+           "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "ConditionalSMC",
+           "ParticleGibbsResult", "draw_trajectory", "parallel_tempering", "ParallelTemperingResult", "TemperedFK"]

@@ -24,6 +24,7 @@ scores would have as log-weights, ``resampled`` the selection steps.
 
     res = beam_search(fk, num_beams=16, beam_width=4, seed=0)
     res.particles, res.log_weights     # final paths and their scores
+    beam_search(step_model, 16, potential=prm)   # dynamics tilted by a PRM (difference shape, lam 1)
 """
 from __future__ import annotations
 
@@ -33,22 +34,34 @@ import numpy as np
 
 from ppl_scaling.result import SMCResult
 from ppl_scaling.rng import as_generator
-from ppl_scaling.selection import Beam, Groups
+from ppl_scaling.selection import Beam, Groups, Selection
 from ppl_scaling.smc import SMC
+from ppl_scaling.tilt import Tilted
+
+__all__ = ["beam_search", "dvts", "METHODS"]
 
 
-def beam_search(fk: Any, num_beams: int, beam_width: int = 4, *, seed: int | None = None,
+def _search(method: str, selection: Selection, fk: Any, num_beams: int, potential: Any, seed: int | None,
+            rng: np.random.Generator | None, store_history: bool, progress: bool) -> SMCResult:
+    if potential is not None:
+        fk = Tilted(fk, potential, shape="difference", lam=1.0)
+    algo = SMC(fk, num_beams, selection=selection, store_history=store_history, progress=progress)
+    return algo.run(as_generator(seed, rng)).for_method(method, "argmax_weight")
+
+
+def beam_search(fk: Any, num_beams: int, beam_width: int = 4, *, potential: Any = None, seed: int | None = None,
                 rng: np.random.Generator | None = None, store_history: bool = False,
                 progress: bool = False) -> SMCResult:
     """Beam search with ``num_beams`` slots (N), each kept path expanded ``beam_width`` (M) ways."""
-    algo = SMC(fk, num_beams, selection=Beam(beam_width), store_history=store_history, progress=progress)
-    return algo.run(as_generator(seed, rng))
+    return _search("beam_search", Beam(beam_width), fk, num_beams, potential, seed, rng, store_history, progress)
 
 
-def dvts(fk: Any, num_beams: int, beam_width: int = 4, *, seed: int | None = None,
+def dvts(fk: Any, num_beams: int, beam_width: int = 4, *, potential: Any = None, seed: int | None = None,
          rng: np.random.Generator | None = None, store_history: bool = False, progress: bool = False) -> SMCResult:
     """Diverse verifier tree search: ``num_beams / beam_width`` greedy subtrees of width ``beam_width``
     (``num_beams`` must be a multiple of ``beam_width``)."""
-    algo = SMC(fk, num_beams, selection=Groups(beam_width, name="DVTS"), store_history=store_history,
-               progress=progress)
-    return algo.run(as_generator(seed, rng))
+    return _search("dvts", Groups(beam_width, name="DVTS"), fk, num_beams, potential, seed, rng, store_history,
+                   progress)
+
+
+METHODS = {"beam_search": beam_search, "dvts": dvts}

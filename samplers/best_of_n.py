@@ -1,0 +1,60 @@
+"""Sampling baselines: N independent generations, a reward at the end, a selection rule.
+
+Each is importance sampling (SMC that never resamples) of the model tilted by the
+potential at the final step only, so a particle's log-weight is its final reward
+r(x) = log phi(x); the methods differ in how they pick the answer:
+
+    best_of_n            the highest reward (argmax weight)
+    weighted_best_of_n   the answer with the largest total weight Σ phi(x) (for a PRM read
+                         as p: the sum of its scores, Li et al. 2023's weighted vote)
+    self_consistency     the most frequent answer (Wang et al. 2023); no potential
+
+    res = best_of_n(model, 16, potential=prm, seed=0)
+    res.rewards, res.select(answers)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ppl_scaling.result import SMCResult
+from ppl_scaling.smc import smc
+from ppl_scaling.tilt import Tilted
+
+__all__ = ["best_of_n", "weighted_best_of_n", "self_consistency", "METHODS"]
+
+
+def _sample(method: str, rule: str, model: Any, num_particles: int, potential: Any, lam: float,
+            seed: int | None, rng: np.random.Generator | None, store_history: bool, progress: bool) -> SMCResult:
+    fk = model if potential is None else Tilted(model, potential, lam=lam, at=())
+    res = smc(fk, num_particles, ess_threshold=0.0, seed=seed, rng=rng, store_history=store_history,
+              progress=progress)
+    return res.for_method(method, rule)
+
+
+def best_of_n(model: Any, num_particles: int, *, potential: Any, lam: float = 1.0, seed: int | None = None,
+              rng: np.random.Generator | None = None, store_history: bool = False,
+              progress: bool = False) -> SMCResult:
+    """``num_particles`` samples; weights exp(lam r(x)); answer of the best one."""
+    return _sample("best_of_n", "argmax_weight", model, num_particles, potential, lam, seed, rng,
+                   store_history, progress)
+
+
+def weighted_best_of_n(model: Any, num_particles: int, *, potential: Any, lam: float = 1.0,
+                       seed: int | None = None, rng: np.random.Generator | None = None,
+                       store_history: bool = False, progress: bool = False) -> SMCResult:
+    """``num_particles`` samples; the answer with the largest total weight."""
+    return _sample("weighted_best_of_n", "weighted_majority", model, num_particles, potential, lam, seed, rng,
+                   store_history, progress)
+
+
+def self_consistency(model: Any, num_particles: int, *, potential: Any = None, seed: int | None = None,
+                     rng: np.random.Generator | None = None, store_history: bool = False,
+                     progress: bool = False) -> SMCResult:
+    """``num_particles`` samples and a majority vote; ``potential`` is ignored (no reward model)."""
+    return _sample("self_consistency", "majority_vote", model, num_particles, None, 1.0, seed, rng,
+                   store_history, progress)
+
+
+METHODS = {"best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "self_consistency": self_consistency}
