@@ -6,7 +6,7 @@ import pytest
 
 from ppl_scaling import aggregate
 from ppl_scaling.jsonl import ResultsFile
-from ppl_scaling.metrics import Compute, coverage_curve, pass_at_k
+from ppl_scaling.metrics import coverage_curve, pass_at_k
 
 
 def test_selectors():
@@ -30,11 +30,6 @@ def test_pass_at_k_matches_the_combinatorial_definition():
     with pytest.raises(ValueError, match="at least 8 samples"):
         pass_at_k(4, 1, 8)
     assert coverage_curve([4, 4], [0, 4], [1, 2]) == {1: 0.5, 2: 0.5}
-
-
-def test_compute_adds_and_reads_counters():
-    c = Compute(tokens=5, wall_s=1.0) + Compute.from_counters({"tokens": 3, "reward_calls": 2, "steps": 9})
-    assert c.as_dict() == {"tokens": 8, "forward_passes": 0, "reward_calls": 2, "nfe": 0, "wall_s": 1.0}
 
 
 def test_results_file_resumes_and_drops_a_truncated_last_line(tmp_path):
