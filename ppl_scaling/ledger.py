@@ -25,10 +25,8 @@ worker threads records after gathering their results.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 
 __all__ = ["Ledger", "record", "recording"]
 
@@ -46,10 +44,12 @@ class Ledger:
     wall_s: float = 0.0
 
     def __add__(self, other: Ledger) -> Ledger:
-        return Ledger(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return Ledger(self.tokens + other.tokens, self.prefill_tokens + other.prefill_tokens,
+                      self.forward_passes + other.forward_passes, self.reward_calls + other.reward_calls,
+                      self.reward_tokens + other.reward_tokens, self.nfe + other.nfe, self.wall_s + other.wall_s)
 
     def __sub__(self, other: Ledger) -> Ledger:
-        return Ledger(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+        return self + Ledger(*(-v for v in astuple(other)))
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -72,14 +72,18 @@ def record(**counts: float) -> None:
         ledger._add(counts)
 
 
-@contextmanager
-def recording(into: Ledger | None = None) -> Iterator[Ledger]:
-    """Record what the block spends (and its wall time) into a ledger, new or ``into``."""
-    ledger = Ledger() if into is None else into
-    token = _active.set(_active.get() + (ledger,))
-    start = time.perf_counter()
-    try:
-        yield ledger
-    finally:
-        ledger.wall_s += time.perf_counter() - start
-        _active.reset(token)
+class recording:
+    """``with recording() as ledger:`` records what the block spends (and its wall time)
+    into a ledger, new or ``into``."""
+
+    def __init__(self, into: Ledger | None = None) -> None:
+        self.ledger = Ledger() if into is None else into
+
+    def __enter__(self) -> Ledger:
+        self._token = _active.set(_active.get() + (self.ledger,))
+        self._start = time.perf_counter()
+        return self.ledger
+
+    def __exit__(self, *exc: object) -> None:
+        self.ledger.wall_s += time.perf_counter() - self._start
+        _active.reset(self._token)

@@ -35,8 +35,7 @@ keep the best paths with their scores (beam search, DVTS, SVDD) on this same loo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,7 +47,7 @@ from .result import SMCResult
 from .rng import as_generator
 from .selection import Resample, Selection
 from .state import num_particles, take, where
-from .weights import summarise
+from .weights import logsumexp, summarise
 
 
 def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarray:
@@ -71,8 +70,7 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
     return arr
 
 
-@dataclass(frozen=True)
-class SMCState:
+class SMCState(NamedTuple):
     """Everything an SMC run carries between steps (immutable; ``SMC.step`` returns a new one).
 
     ``t`` is the number of steps done (the next step to run); ``W``, ``lse`` and ``ess``
@@ -89,13 +87,13 @@ class SMCState:
     ess: float
     log_evidence: float
     done: np.ndarray
+    ledger: Ledger
     ess_trace: tuple[float, ...] = ()
     resampled: tuple[bool, ...] = ()
     increments: tuple[float, ...] = ()
     history: tuple[Any, ...] | None = None
     log_weights_history: tuple[np.ndarray, ...] | None = None
     ancestors: tuple[np.ndarray, ...] | None = None
-    ledger: Ledger = field(default_factory=Ledger)
 
 
 class SMC:
@@ -155,14 +153,12 @@ class SMC:
                          log_evidence=0.0, done=np.zeros(N, dtype=bool),
                          history=() if self.store_history else None,
                          log_weights_history=() if self.store_history else None,
-                         ancestors=() if self.store_history else None)
+                         ancestors=() if self.store_history else None, ledger=Ledger())
         with recording() as spent:
             x = self.initial(rng)
-            n = num_particles(x)
-            if n is not None and n != N:
-                raise ValueError(f"{type(self.fk).__name__}.M0 returned {n} particles; expected {N}")
-            new = self._weigh(state, None, x, None)
-        return replace(new, ledger=state.ledger + spent)
+            self._check_size(x, "M0", 0)
+            weighed = self._weigh(0, None, x, empty, state.lse, state.done)
+        return self._advance(state, None, spent, *weighed)
 
     def step(self, state: SMCState, rng: np.random.Generator) -> SMCState:
         """Step t = state.t >= 1: select, move with M, weight with G_t."""
@@ -171,30 +167,33 @@ class SMC:
             raise ValueError(f"step needs 1 <= state.t < T = {self.T}, got t = {t}; start with init(rng)")
         with recording() as spent:
             A, lw = self.select(t, rng, state)
-            x, done = state.particles, state.done
+            x, done, lse = state.particles, state.done, state.lse
             if A is not None:
                 x, done = take(x, A), done[A]
-                lse, W, ess_now = summarise(lw)
-                state = replace(state, log_weights=lw, lse=lse, W=W, ess=ess_now, done=done)
+                lse = float(np.log(self.N)) if not lw.any() else logsumexp(lw)
             xp = x
             x = self.move(t, xp, rng)
-            n = num_particles(x)
-            if n is not None and n != self.N:
-                raise ValueError(f"{type(self.fk).__name__}.M at t={t} returned {n} particles; expected {self.N}")
+            self._check_size(x, "M", t)
             if done.any():
                 x = where(done, xp, x)
-            new = self._weigh(state, xp, x, A)
-        return replace(new, ledger=state.ledger + spent)
+            weighed = self._weigh(t, xp, x, lw, lse, done)
+        return self._advance(state, A, spent, *weighed)
 
-    def _weigh(self, state: SMCState, xp: Any, x: Any, A: np.ndarray | None) -> SMCState:
-        t, N, fk = state.t, self.N, self.fk
+    def _check_size(self, x: Any, what: str, t: int) -> None:
+        n = num_particles(x)
+        if n is not None and n != self.N:
+            raise ValueError(f"{type(self.fk).__name__}.{what} at t={t} returned {n} particles; expected {self.N}")
+
+    def _weigh(self, t: int, xp: Any, x: Any, lw: np.ndarray, lse: float,
+               done: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray | None, float, float, float, np.ndarray]:
+        """lw += logG_t (0 for finished particles); the increment log Σ W G_t; the new done mask."""
+        N, fk = self.N, self.fk
         lG = as_log_potential(fk.logG(t, xp, x), N, t)
-        done = state.done
         if done.any():
             lG = np.where(done, 0.0, lG)
-        new_lw = state.log_weights + lG
+        new_lw = lw + lG
         new_lse, W, ess_now = summarise(new_lw)
-        increment = new_lse - state.lse
+        increment = new_lse - lse
         if increment == -np.inf:
             raise DegenerateWeightsError(
                 f"all {N} particles have weight zero (logG = -inf) at step t={t} of {type(fk).__name__}. "
@@ -207,16 +206,21 @@ class SMC:
             if finished.shape != (N,):
                 raise ValueError(f"{type(fk).__name__}.done at t={t} returned shape {finished.shape}; expected ({N},)")
             done = done | finished
+        return x, new_lw, W, new_lse, ess_now, increment, done
+
+    def _advance(self, state: SMCState, A: np.ndarray | None, spent: Ledger, x: Any, lw: np.ndarray,
+                 W: np.ndarray | None, lse: float, ess_now: float, increment: float, done: np.ndarray) -> SMCState:
+        """The state after step ``state.t``."""
         keep = self.store_history
         return SMCState(
-            t=t + 1, particles=x, log_weights=new_lw, W=W, lse=new_lse, ess=ess_now,
+            t=state.t + 1, particles=x, log_weights=lw, W=W, lse=lse, ess=ess_now,
             log_evidence=state.log_evidence + increment, done=done,
             ess_trace=state.ess_trace + (ess_now,), resampled=state.resampled + (A is not None,),
             increments=state.increments + (increment,),
             history=state.history + (x,) if keep else None,
-            log_weights_history=state.log_weights_history + (new_lw,) if keep else None,
-            ancestors=state.ancestors + (np.arange(N) if A is None else A,) if keep else None,
-            ledger=state.ledger,
+            log_weights_history=state.log_weights_history + (lw,) if keep else None,
+            ancestors=state.ancestors + (np.arange(self.N) if A is None else A,) if keep else None,
+            ledger=state.ledger + spent,
         )
 
     def finished(self, state: SMCState) -> bool:
