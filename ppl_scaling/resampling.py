@@ -49,7 +49,15 @@ def inverse_cdf(u: np.ndarray, W: np.ndarray) -> np.ndarray:
     an index past the end, and the strict inequality never selects a zero weight.
     """
     cdf = np.cumsum(W)
-    return np.searchsorted(cdf, u * cdf[-1], side="right").astype(np.int64)
+    return _in_range(np.searchsorted(cdf, u * cdf[-1], side="right").astype(np.int64), W)
+
+
+def _in_range(A: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Ancestors past the end (a uniform that rounds to the total: u = 1 - 2^-53 for the
+    last stratum) belong to the last particle of positive weight."""
+    if A.size and A.max() >= W.shape[0]:
+        np.minimum(A, np.flatnonzero(W > 0)[-1], out=A)
+    return A
 
 
 def multinomial(rng: np.random.Generator, W: np.ndarray, M: int | None = None) -> np.ndarray:
@@ -70,7 +78,7 @@ def systematic(rng: np.random.Generator, W: np.ndarray, M: int | None = None) ->
     cdf = np.cumsum(W)
     K = np.ceil(cdf * (M / cdf[-1]) - rng.random()).astype(np.int64)
     np.clip(K, 0, M, out=K)
-    return np.cumsum(np.bincount(K, minlength=M + 1)[:M])
+    return _in_range(np.cumsum(np.bincount(K, minlength=M + 1)[:M]), W)
 
 
 def residual(rng: np.random.Generator, W: np.ndarray, M: int | None = None) -> np.ndarray:

@@ -53,8 +53,14 @@ from .weights import logsumexp, summarise
 def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarray:
     """Convert a potential's output to a float64 numpy array of shape (N,), or raise."""
     if hasattr(value, "detach"):  # torch
-        value = value.detach().to("cpu").double().numpy()
-    arr = np.asarray(value, dtype=np.float64)
+        value = value.detach().to("cpu").numpy()
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise PotentialError(
+            f"{what} at step t={t} returned values of dtype {arr.dtype}; expected real log potentials "
+            "(floats; -inf rejects a particle)" + (": use 0.0 / -inf instead of True / False" if arr.dtype == bool else "")
+        )
+    arr = arr.astype(np.float64, copy=False)
     if arr.shape != (N,):
         raise PotentialError(
             f"{what} at step t={t} returned shape {arr.shape}; expected ({N},), one log potential per particle"
@@ -68,6 +74,19 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
     if top == np.inf:
         raise PotentialError(f"{what} at step t={t} returned +inf; log potentials must be finite or -inf")
     return arr
+
+
+def as_done_mask(value: Any, N: int, t: int, who: str) -> np.ndarray:
+    """A ``done`` output as an (N,) bool array, or raise (NaN or non-0/1 numbers are errors)."""
+    if hasattr(value, "detach"):  # torch
+        value = value.detach().to("cpu").numpy()
+    arr = np.asarray(value)
+    if arr.shape != (N,):
+        raise ValueError(f"{who}.done at t={t} returned shape {arr.shape}; expected ({N},)")
+    if arr.dtype != bool and not (arr.dtype.kind in "iuf" and np.isin(arr, (0, 1)).all()):
+        raise ValueError(f"{who}.done at t={t} returned {arr.dtype} values other than 0 / 1 (e.g. NaN); "
+                         "return a boolean mask of finished particles")
+    return arr.astype(bool, copy=False)
 
 
 class SMCState(NamedTuple):
@@ -202,10 +221,7 @@ class SMC:
             )
         finished = fk.done(t, x) if hasattr(fk, "done") else None
         if finished is not None:
-            finished = np.asarray(finished, dtype=bool)
-            if finished.shape != (N,):
-                raise ValueError(f"{type(fk).__name__}.done at t={t} returned shape {finished.shape}; expected ({N},)")
-            done = done | finished
+            done = done | as_done_mask(finished, N, t, type(fk).__name__)
         return x, new_lw, W, new_lse, ess_now, increment, done
 
     def _advance(self, state: SMCState, A: np.ndarray | None, spent: Ledger, x: Any, lw: np.ndarray,

@@ -205,3 +205,34 @@ def test_beam_search_on_the_engine_reports_no_evidence():
     res = beam_search(Chain(), 6, 3, potential=REWARD, seed=0)
     assert np.isnan(res.log_evidence) and res.info["method"] == "beam_search"
     assert np.allclose(res.log_weights, res.rewards)  # difference shape, lam = 1: score = final reward
+
+
+class _Bad(pps.FeynmanKac):
+    T = 3
+
+    def __init__(self, logG=None, done=None, extra=0):
+        self.lg, self.dn, self.extra = logG, done, extra
+
+    def M0(self, N, rng):
+        return np.zeros(N)
+
+    def M(self, t, xp, rng):
+        return np.zeros(len(xp) + self.extra)
+
+    def logG(self, t, xp, x):
+        return np.zeros(len(x)) if self.lg is None else self.lg(len(x))
+
+    def done(self, t, x):
+        return None if self.dn is None else self.dn(len(x))
+
+
+@pytest.mark.parametrize("fk,error,match", [
+    (_Bad(logG=lambda n: np.ones(n, dtype=bool)), pps.PotentialError, "dtype bool.*-inf instead of True"),
+    (_Bad(logG=lambda n: np.zeros(n, dtype=complex)), pps.PotentialError, "dtype complex"),
+    (_Bad(logG=lambda n: np.full(n, np.nan)), pps.PotentialError, "NaN"),
+    (_Bad(done=lambda n: np.full(n, np.nan)), ValueError, "done at t=0 returned float64 values other than 0 / 1"),
+    (_Bad(extra=1), ValueError, "M at t=1 returned 6 particles; expected 5"),
+])
+def test_engine_names_the_model_and_step_of_bad_outputs(fk, error, match):
+    with pytest.raises(error, match=match):
+        pps.smc(fk, 5, seed=0)

@@ -127,3 +127,22 @@ def test_scheme_lookup_errors():
         resampling.systematic(np.random.default_rng(0), np.zeros(3))
     with pytest.raises(ValueError, match="finite"):
         resampling.systematic(np.random.default_rng(0), np.array([0.5, np.nan]))
+
+
+class _AlmostOne:
+    """A generator whose every uniform is the largest double below 1 (numpy's
+    ``Generator.random`` can return 1 - 2^-53)."""
+
+    def random(self, size=None):
+        u = 1.0 - 2.0**-53
+        return u if size is None else np.full(size, u)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("N", [3, 7, 1000, 4097])
+def test_ancestors_stay_in_range_when_uniforms_are_one_minus_2_to_the_minus_53(name, N):
+    rng = np.random.default_rng(N)
+    for W in (rng.dirichlet(np.ones(N)), np.r_[rng.dirichlet(np.ones(N - 1)), 0.0]):
+        A = SCHEMES[name](_AlmostOne(), W)
+        assert A.shape == (N,) and A.min() >= 0 and A.max() <= N - 1, (A.min(), A.max())
+        assert np.all(W[A] > 0)  # never a particle of weight zero
