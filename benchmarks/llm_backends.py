@@ -4,9 +4,9 @@
     .venv-vllm/bin/python benchmarks/llm_backends.py --problems 20 --particles 8
 
 Every backend runs the same particle filter (``tests/vllm_server.run_toy``: StepModel
-with the soft step checker as potential, step delimiter "\\n", weighted-majority answer)
+tilted by the soft step checker, step delimiter "\\n", weighted-majority answer)
 on the same held-out toy problems with the same seeds. Reported: sampled tokens per
-second and problems per minute (wall clock, after the backend is ready and has run one
+second (the run's ledger) and problems per minute (wall clock, after the backend is ready and has run one
 warm-up problem: start-up is reported separately), and accuracy. its_hub's ``ParticleFiltering`` gets the same model
 (the same vLLM server), the same number of particles, the same step
 delimiter and the same checker, read as a PRM probability (1 for a correct prefix, 0.1
@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ppl_scaling.ledger import recording  # noqa: E402
 from ppl_scaling.models.vllm_backend import CPU_ENGINE_KWARGS, cpu_environment  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -53,12 +54,9 @@ def server_generated_tokens(url: str) -> float:
 
 def _measure(name: str, lm, problems, args, setup_s: float) -> dict:
     run_toy(lm, problems[:1], num_particles=args.particles, seed=10**6)  # warm-up, not timed
-    before = lm.counters()
-    t0 = time.perf_counter()
-    rows = run_toy(lm, problems, num_particles=args.particles, seed=args.seed, temperature=args.temperature)
-    wall = time.perf_counter() - t0
-    tokens = lm.counters()["tokens"] - before["tokens"]
-    return {"backend": name, "setup_s": setup_s, "wall_s": wall, "tokens": tokens,
+    with recording() as spent:
+        rows = run_toy(lm, problems, num_particles=args.particles, seed=args.seed, temperature=args.temperature)
+    return {"backend": name, "setup_s": setup_s, "wall_s": spent.wall_s, "tokens": spent.tokens,
             "accuracy": float(np.mean([r["correct"] for r in rows]))}
 
 

@@ -20,6 +20,12 @@ What happens underneath (``KVContexts``):
   removes the masked holes. Particles that finished (EOS) are dropped by the caller
   (``StepModel``) and cost nothing afterwards.
 
+Ledger (``ppl_scaling.ledger``): ``start`` records one forward pass and its rows' cached
+tokens as ``prefill_tokens``; a step records one forward pass per token position, the
+sampled ``tokens``, and the rows' pending tokens (fed by the step's first pass, not sampled
+by it) as ``prefill_tokens``; ``next_token_logprobs`` (full recompute) one forward pass
+and every context token as ``prefill_tokens``.
+
 Only models whose cache is a plain full-attention ``DynamicCache`` (Llama, Qwen2, Mistral
 without sliding windows, ...) take the fast path; others raise ``NotImplementedError``.
 """
@@ -33,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .lm import Contexts, LanguageModel, StepSample, _is_identity, _StepRecorder, sample_tokens
+from ppl_scaling.ledger import record
+
+from .lm import Contexts, LanguageModel, StepRecorder, StepSample, is_identity, merge_eos, sample_tokens
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,7 +57,7 @@ class KVContexts(Contexts):
 
     def take(self, idx: Sequence[int] | np.ndarray) -> "KVContexts":
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if _is_identity(idx, len(self)):
+        if is_identity(idx, len(self)):
             return self
         ids = [self.ids[i] for i in idx]
         if len(self) == 1 and len(idx) > 0:  # one shared row (the prompt): views, no copy
@@ -150,11 +158,8 @@ class HFLanguageModel(LanguageModel):
                                       "HFLanguageModel supports full attention only")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
-        self.eos_token_id = sorted(eos) or None
+        self.eos_token_id = merge_eos(tokenizer.eos_token_id,
+                                      getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         self._delimiter_tokens: dict[str, torch.Tensor | None] = {}
 
@@ -206,7 +211,7 @@ class HFLanguageModel(LanguageModel):
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
         """Full recompute (no cache) of log p(next token | context) for each context."""
         ids, mask, pos = self._padded(contexts)
-        self._count(forward_passes=1)
+        record(forward_passes=1, prefill_tokens=sum(len(c) for c in contexts))
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
@@ -223,7 +228,7 @@ class HFLanguageModel(LanguageModel):
         inp, mask, pos = self._padded(prefixes)
         cache = _as_cache(None)
         self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        self._count(forward_passes=1)
+        record(forward_passes=1, prefill_tokens=sum(len(p) for p in prefixes))
         return KVContexts(ids, _cache_tensors(cache), mask, pending)
 
     def _may_end(self, delimiter: str) -> torch.Tensor | None:
@@ -248,7 +253,7 @@ class HFLanguageModel(LanguageModel):
         if not isinstance(contexts, KVContexts):
             raise TypeError("HFLanguageModel.sample_steps needs KVContexts from HFLanguageModel.start(...)")
         R = len(contexts)
-        rec = _StepRecorder(self, R, step_delimiter)
+        rec = StepRecorder(self, R, step_delimiter)
         if R == 0:
             return rec.result(contexts)
         may_end = None if step_delimiter is None else self._may_end(step_delimiter)
@@ -264,7 +269,7 @@ class HFLanguageModel(LanguageModel):
             inp = torch.where(live, pending, torch.full_like(pending, self.pad_token_id))
             logits = self.model(input_ids=inp[:, None], attention_mask=mask, position_ids=pos[:, None],
                                 past_key_values=cache, use_cache=True).logits[:, -1]
-            self._count(forward_passes=1)
+            record(forward_passes=1, prefill_tokens=R if k == 0 else 0)  # k = 0 feeds the pending tokens
             li = live.nonzero().squeeze(1)
             tok, log_q, log_p = sample_tokens(logits[li], temperature, generator)
             pending[li], pos[li] = tok, pos[li] + 1
@@ -291,7 +296,7 @@ def _merge(parts: list[tuple[torch.Tensor, KV, torch.Tensor, torch.Tensor]]) -> 
     packed = [_pack(kv, m, W) for _, kv, m, _ in parts]
     if len(parts) == 1:
         (kv, mask), rows, pending = packed[0], parts[0][0], parts[0][3]
-        if _is_identity(rows.cpu().numpy(), len(rows)):
+        if is_identity(rows.cpu().numpy(), len(rows)):
             return kv, mask, pending
     rows = torch.cat([p[0] for p in parts])
     inv = torch.empty_like(rows)

