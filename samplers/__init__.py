@@ -11,21 +11,26 @@ samples / beams (N generations' worth of work).
     best_of_n.py             best_of_n, weighted_best_of_n, self_consistency
     beam.py                  beam_search, dvts
     importance.py            importance_sampling (any FK model)
-    particle_gibbs.py        particle_gibbs (conditional SMC)
-    parallel_tempering.py    parallel_tempering
+    particle_gibbs.py        particle_gibbs (PF-paper preset pg_paper; conditional SMC)
+    parallel_tempering.py    parallel_tempering (PF-paper preset pt_paper)
 """
 from . import beam as _beam
 from . import best_of_n as _best_of_n
+from . import importance as _importance
+from . import parallel_tempering as _parallel_tempering
 from . import particle_filtering as _particle_filtering
+from . import particle_gibbs as _particle_gibbs
 from .beam import beam_search, dvts
 from .best_of_n import best_of_n, self_consistency, weighted_best_of_n
 from .importance import importance_sampling
-from .parallel_tempering import ParallelTemperingResult, TemperedFK, parallel_tempering
+from .parallel_tempering import TemperedFK, parallel_tempering, path_log_potential, pt_paper
 from .particle_filtering import paper_tilt, particle_filtering, pf_paper
-from .particle_gibbs import ConditionalSMC, ParticleGibbsResult, draw_trajectory, particle_gibbs
+from .particle_gibbs import ConditionalSMC, draw_trajectory, particle_gibbs, pg_paper, stack_paths
 
-METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS}
+METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS, **_importance.METHODS,
+           **_particle_gibbs.METHODS, **_parallel_tempering.METHODS}
 
 __all__ = ["METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
-           "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "ConditionalSMC",
-           "ParticleGibbsResult", "draw_trajectory", "parallel_tempering", "ParallelTemperingResult", "TemperedFK"]
+           "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "pg_paper",
+           "ConditionalSMC", "draw_trajectory", "stack_paths", "parallel_tempering", "pt_paper", "TemperedFK",
+           "path_log_potential"]

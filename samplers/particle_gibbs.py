@@ -1,45 +1,63 @@
 """Particle Gibbs (Andrieu, Doucet & Holenstein 2010).
 
-Conditional SMC keeps one *reference* trajectory alive in slot 0: at every step
-slot 0 is overwritten with the reference state and its ancestor is forced to be
-slot 0; the other N-1 particles are resampled multinomially from all N. Drawing
-a new reference from the final weights gives a Markov kernel that leaves the
-smoothing distribution pi(x_{0:T-1}) invariant, for any N >= 2.
+Conditional SMC keeps one *reference* path x*_{0:T-1} alive in slot 0: slot 0 holds
+x*_t at every step t (``initial`` / ``move`` pin it) and its ancestor is slot 0
+(``select``); the other N-1 slots resample multinomially from all N,
+
+    A_0 = 0,   A_i ~ Multinomial(W_{t-1})  (i >= 1),   x_t^i ~ M_t(x_{t-1}^{A_i}) (i >= 1),   x_t^0 = x*_t.
+
+Drawing the new reference from the final weights (``draw_trajectory``) is a Markov
+kernel that leaves the smoothing distribution pi(x_{0:T-1}) invariant, for any N >= 2.
 
     out = particle_gibbs(fk, num_particles=20, num_iterations=500, seed=0)
-    out.trajectories[i]       # the reference path after iteration i (list of 1-particle states)
-    out.stacked()             # (iterations, T, ...) for array states
+    out.trajectories[i]            # the reference path after iteration i (1-particle states)
+    stack_paths(out.trajectories)  # (iterations, T, ...) for array states
+    out.ledger                     # every sweep's work, the initial SMC run included
 
-Path degeneracy: ``SMCResult.num_unique_ancestors()`` of a run shows how few
-distinct ancestors survive far back; with few particles PG then mixes slowly
-at early times.
+The result is the last conditional sweep's ``SMCResult`` (its evidence is NaN: a
+conditional sweep's estimate is not one of Z). Path degeneracy: a run's
+``SMCResult.num_unique_ancestors()`` shows how few distinct ancestors survive far
+back; with few particles PG then mixes slowly at early times.
+
+``pg_paper`` is the LLM preset of ``METHODS``: the PF paper's weighting in sweeps.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from ppl_scaling.ledger import recording
 from ppl_scaling.resampling import multinomial
 from ppl_scaling.result import SMCResult
 from ppl_scaling.rng import as_generator
-from ppl_scaling.smc import SMC
+from ppl_scaling.smc import SMC, SMCState
 from ppl_scaling.state import take, where
+
+from .particle_filtering import paper_tilt, pf_paper
+
+__all__ = ["ConditionalSMC", "draw_trajectory", "stack_paths", "particle_gibbs", "pg_paper", "METHODS"]
 
 
 class ConditionalSMC(SMC):
-    """SMC with the reference path ``reference`` (one 1-particle state per step) pinned to slot 0."""
+    """SMC with the ``reference`` path (one 1-particle state per step) pinned to slot 0,
+    multinomial resampling before every step (module docstring).
 
-    def __init__(self, fk: Any, num_particles: int, reference: list[Any], progress: bool = False) -> None:
-        if num_particles < 2:
+    The reference's ancestor is ``reference_ancestor`` (slot 0, where x*_{t-1} sits);
+    ancestor sampling redraws it ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t)
+    (and weighs the pinned x*_t under its new parent).
+    """
+
+    def __init__(self, fk: Any, num_particles: int, reference: Sequence[Any], *, progress: bool = False) -> None:
+        if isinstance(num_particles, (int, np.integer)) and num_particles < 2:
             raise ValueError("conditional SMC needs num_particles >= 2 (one slot is the reference)")
-        super().__init__(fk, num_particles, ess_threshold=1.0, resampling=multinomial,
-                         store_history=True, progress=progress)
-        self.reference = reference
-        self.slot = np.zeros(num_particles, dtype=bool)
+        super().__init__(fk, num_particles, ess_threshold=1.0, resampling="multinomial", store_history=True,
+                         progress=progress)
+        self.reference = list(reference)
+        self.slot = np.zeros(self.N, dtype=bool)
         self.slot[0] = True
 
     def _pin(self, t: int, x: Any) -> Any:
@@ -47,51 +65,84 @@ class ConditionalSMC(SMC):
             return x
         return where(self.slot, take(self.reference[t], np.zeros(self.N, dtype=np.int64)), x)
 
-    def initial(self, rng):
+    def initial(self, rng: np.random.Generator) -> Any:
         return self._pin(0, super().initial(rng))
 
-    def move(self, t, xp, rng):
+    def move(self, t: int, xp: Any, rng: np.random.Generator) -> Any:
         return self._pin(t, super().move(t, xp, rng))
 
-    def select(self, t, rng, state):
+    def select(self, t: int, rng: np.random.Generator, state: SMCState) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional resampling: A_i ~ Multinomial(W) for i >= 1, A_0 = ``reference_ancestor``."""
         A = multinomial(rng, state.W)
-        A[0] = 0
+        A[0] = self.reference_ancestor(t, rng, state)
         return A, np.zeros(self.N)
+
+    def reference_ancestor(self, t: int, rng: np.random.Generator, state: SMCState) -> int:
+        """The parent slot of the reference state x*_t: 0, where x*_{t-1} is pinned."""
+        return 0
+
+    def result(self, state: SMCState) -> SMCResult:
+        """The sweep's result; no evidence (a conditional sweep's estimate is not one of Z)."""
+        res = super().result(state)
+        return replace(res, log_evidence=float("nan"), log_evidence_increments=np.full(state.t, np.nan),
+                       info={**res.info, "selection": "conditional multinomial"})
 
 
 def draw_trajectory(result: SMCResult, rng: np.random.Generator) -> list[Any]:
-    """One path drawn from the final weights, traced back through the genealogy."""
+    """One path drawn from the final weights, k ~ W, traced back through the genealogy
+    (needs ``store_history``): element t is the 1-particle state of its ancestor at step t."""
     k = int(rng.choice(result.num_particles, p=result.weights))
     B = result.lineage()
     return [take(x, B[t, k : k + 1]) for t, x in enumerate(result.history)]
 
 
-@dataclass
-class ParticleGibbsResult:
-    trajectories: list[list[Any]]   # reference path after each iteration
-    runs: list[SMCResult]           # each conditional SMC run (history dropped to save memory)
-
-    def stacked(self) -> np.ndarray:
-        """Array states only: (iterations, T, *event shape) of the reference paths."""
-        return np.stack([np.concatenate([np.asarray(x) for x in path]) for path in self.trajectories])
+def stack_paths(trajectories: Sequence[Sequence[Any]]) -> np.ndarray:
+    """Array states only: the paths as one array of shape (paths, T, *event shape)."""
+    return np.stack([np.concatenate([np.asarray(x) for x in path]) for path in trajectories])
 
 
-def particle_gibbs(fk: Any, num_particles: int, num_iterations: int, *, reference: list[Any] | None = None,
+def particle_gibbs(fk: Any, num_particles: int, num_iterations: int, *, reference: Sequence[Any] | None = None,
                    seed: int | None = None, rng: np.random.Generator | None = None,
-                   progress: bool = False) -> ParticleGibbsResult:
-    """Run ``num_iterations`` of particle Gibbs on ``fk``.
-
-    The first reference is ``reference`` if given, else a path drawn from a plain
-    SMC run (which counts as iteration 0's run).
-    """
+                   progress: bool = False) -> SMCResult:
+    """``num_iterations`` sweeps of particle Gibbs on ``fk``: the last sweep's ``SMCResult``
+    with the reference path after each iteration in ``trajectories`` and the ledger of
+    every sweep. The first reference is ``reference`` if given, else a path drawn from a
+    plain SMC run."""
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, (int, np.integer)) or num_iterations < 1:
+        raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}")
     rng = as_generator(seed, rng)
-    if reference is None:
-        first = SMC(fk, num_particles, store_history=True).run(rng)
-        reference = draw_trajectory(first, rng)
-    trajectories, runs = [], []
-    for _ in tqdm(range(num_iterations), desc="particle Gibbs", disable=not progress):
-        result = ConditionalSMC(fk, num_particles, reference).run(rng)
-        reference = draw_trajectory(result, rng)
-        trajectories.append(reference)
-        runs.append(dataclasses.replace(result, history=None, log_weights_history=None))
-    return ParticleGibbsResult(trajectories, runs)
+    trajectories: list[list[Any]] = []
+    with recording() as spent:
+        if reference is None:
+            reference = draw_trajectory(SMC(fk, num_particles, store_history=True).run(rng), rng)
+        for _ in tqdm(range(num_iterations), desc="particle Gibbs", disable=not progress, leave=False):
+            result = ConditionalSMC(fk, num_particles, reference).run(rng)
+            reference = draw_trajectory(result, rng)
+            trajectories.append(reference)
+    return replace(result, trajectories=trajectories, ledger=spent,
+                   info={**result.info, "iterations": int(num_iterations)})
+
+
+def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generator | None = None,
+             seed: int | None = None, softmax_temperature: float = 1.0, sweeps: int = 4,
+             aggregation: str | None = None, selection_rule: str = "argmax_reward",
+             progress: bool = False) -> SMCResult:
+    """Particle Gibbs with the PF paper's weighting (``paper_tilt``): budget N = S sweeps of
+    N // S particles, S = max(1, min(sweeps, N // 2)) (the paper's 4 x 16 = 64); the first
+    sweep plain SMC, the other S - 1 conditional on a reference path. The answer is the last
+    sweep's particle with the highest final reward. N < 4 (S = 1) runs the PF paper's filter
+    with all N particles instead, recorded in ``info["fallback"]``."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 1:
+        raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
+    S = max(1, min(int(sweeps), budget // 2))
+    if S == 1:
+        res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
+                       aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
+        return res.for_method("particle_gibbs", selection_rule, fallback="particle_filtering", sweeps=1)
+    fk = paper_tilt(model, potential, softmax_temperature, aggregation=aggregation)
+    res = particle_gibbs(fk, budget // S, S - 1, seed=seed, rng=rng, progress=progress)
+    return res.for_method("particle_gibbs", selection_rule, fallback=None, sweeps=S,
+                          softmax_temperature=softmax_temperature)
+
+
+METHODS = {"particle_gibbs": pg_paper}

@@ -5,10 +5,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from scipy.stats import norm
+
 import ppl_scaling as pps
 import ppl_scaling.pyro as ppyro
 from ppl_scaling import exact
 from ppl_scaling.ssm import LinearGaussian
+from ppl_scaling.tilt import Tilted
 
 A, SX, SY, S0 = 0.9, 1.0, 1.5, 1.0
 Z_MAX = 4.5
@@ -80,6 +83,26 @@ def test_agrees_with_hand_written_fk_and_kalman(data):
                           for r in runs])
         assert abs(log_z.mean() - kalman.log_evidence) < Z_MAX * log_z.std(ddof=1) / np.sqrt(len(runs)) + 0.01
         assert abs(means.mean() - kalman.mean[-1]) < Z_MAX * means.std(ddof=1) / np.sqrt(len(runs)) + 0.01
+
+
+@pytest.mark.parametrize("guide", [None, WideGuide()], ids=["prior", "guide"])
+def test_weights_are_likelihood_times_guide_correction(data, guide):
+    """Without resampling, the log-weight of a path is exactly Σ_t log N(y_t; x_t, SY²) (the
+    likelihood tilt, telescoped by the difference shape) plus, with a guide, Σ_t log p - log q
+    of its latent moves (the dynamics' own weights)."""
+    ys, _ = data
+    fk = ppyro.feynman_kac(RandomWalk(), ys, guide=guide)
+    assert isinstance(fk, Tilted) and fk.shape.name == "difference" and fk.lam == 1.0
+    res = ppyro.smc(RandomWalk(), ys, 30, guide=guide, ess_threshold=0.0, store_history=True, seed=4)
+    x = np.stack([h["x"].numpy() for h in res.history])                    # (T, N)
+    y = ys.numpy()[:, None]
+    expected = norm.logpdf(y, x[1:], SY).sum(0)
+    if guide is not None:
+        mean = np.vstack([np.zeros((1, 30)), A * x[:-1]])
+        scale = np.array([S0] + [SX] * len(ys))[:, None]
+        expected += (norm.logpdf(x, mean, scale) - norm.logpdf(x, mean, 2 * scale)).sum(0)
+    np.testing.assert_allclose(res.log_weights, expected, rtol=1e-6)  # the program samples in float32
+    assert not res.resampled.any() and res.particles["x"].shape == (30,)
 
 
 def test_factor_sites_equal_observed_sites_and_global_rng_untouched(data):

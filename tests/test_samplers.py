@@ -1,8 +1,13 @@
-"""Importance sampling and particle Gibbs against exact answers."""
+"""Importance sampling and particle Gibbs against exact answers; the LLM presets of
+particle Gibbs and parallel tempering (budget split, fallback, one ledger)."""
 import numpy as np
+import pytest
 
 import ppl_scaling as pps
-from ppl_scaling.samplers import importance_sampling, particle_gibbs
+from ppl_scaling.result import SMCResult
+from ppl_scaling.samplers.importance import importance_sampling
+from ppl_scaling.samplers.parallel_tempering import pt_paper
+from ppl_scaling.samplers.particle_gibbs import ConditionalSMC, particle_gibbs, pg_paper, stack_paths
 from ppl_scaling.ssm import LinearGaussian
 
 Z_MAX = 4.5
@@ -30,7 +35,8 @@ def test_particle_gibbs_leaves_the_smoothing_distribution_invariant():
     _, y = model.simulate(6, np.random.default_rng(2))
     smooth = model.smoother(y)
     out = particle_gibbs(model.bootstrap(y), num_particles=15, num_iterations=2600, seed=3)
-    paths = out.stacked()[100:]  # burn-in
+    assert isinstance(out, SMCResult) and out.info["iterations"] == len(out.trajectories) == 2600
+    paths = stack_paths(out.trajectories)[100:]  # burn-in
     assert paths.shape == (2500, 6)
     se = batch_means_se(paths)
     assert np.all(np.abs(paths.mean(0) - smooth.mean) < Z_MAX * se)
@@ -43,11 +49,12 @@ def test_conditional_smc_keeps_the_reference_alive():
     model = LinearGaussian()
     _, y = model.simulate(8, np.random.default_rng(4))
     ref = [np.array([v]) for v in np.linspace(-1, 1, 8)]
-    from ppl_scaling.samplers import ConditionalSMC
-
     r = ConditionalSMC(model.bootstrap(y), 10, ref).run(np.random.default_rng(5))
     assert all(h[0] == ref[t][0] for t, h in enumerate(r.history))
     assert all(A[0] == 0 for A in r.ancestors)
+    assert r.resampled[1:].all() and np.isnan(r.log_evidence)  # conditional: no estimate of Z
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        ConditionalSMC(model.bootstrap(y), 1, ref)
 
 
 def test_path_degeneracy_is_visible_in_the_genealogy():
@@ -56,3 +63,49 @@ def test_path_degeneracy_is_visible_in_the_genealogy():
     r = pps.smc(model.bootstrap(y), 100, seed=7, store_history=True, ess_threshold=1.0)
     unique = r.num_unique_ancestors()
     assert unique[0] < 10 < unique[-1] == 100
+
+
+# ----------------------------------------------------------------------------- LLM presets
+
+class Walk(pps.Dynamics):
+    """A Gaussian random walk over T = 5 steps (stands in for an LLM's step sampler)."""
+
+    T = 5
+
+    def M0(self, N, rng):
+        return rng.standard_normal(N)
+
+    def M(self, t, xp, rng):
+        return xp + rng.standard_normal(xp.shape[0])
+
+
+def reward(x):
+    return -0.5 * (x - 1.0) ** 2
+
+
+@pytest.mark.parametrize("preset, budget, runs, particles, iterations", [
+    (pg_paper, 8, 4, 2, 3), (pg_paper, 7, 3, 2, 2), (pg_paper, 64, 4, 16, 3),   # S = min(4, N // 2) sweeps
+    (pt_paper, 12, 3 * 2, 2, 1), (pt_paper, 50, 3 * 2, 8, 1),                   # 3 chains x min(2, N // 6)
+])
+def test_presets_split_the_budget_and_count_every_sweep(preset, budget, runs, particles, iterations):
+    """Every particle of every SMC run (sweep, chain) is scored once per step: one ledger."""
+    res = preset(Walk(), budget, potential=reward, seed=0)
+    assert res.num_particles == particles and res.info["fallback"] is None
+    assert res.info["method"] == ("particle_gibbs" if preset is pg_paper else "parallel_tempering")
+    assert res.info["selection_rule"] == "argmax_reward" and res.rewards.shape == (particles,)
+    assert len(res.trajectories) == res.info["iterations"] == iterations
+    assert res.ledger.reward_calls == runs * particles * Walk.T
+    assert res.select(list(range(particles))) == int(np.argmax(res.rewards))
+
+
+@pytest.mark.parametrize("preset, budget", [(pg_paper, 3), (pt_paper, 11)])
+def test_presets_fall_back_to_the_particle_filter_on_small_budgets(preset, budget):
+    res = preset(Walk(), budget, potential=reward, seed=0)
+    assert res.info["fallback"] == "particle_filtering" and res.num_particles == budget
+    assert res.trajectories is None and res.ledger.reward_calls == budget * Walk.T
+
+
+def test_importance_sampling_with_a_potential_weighs_by_the_final_reward():
+    res = importance_sampling(Walk(), 50, potential=reward, lam=2.0, seed=0)
+    np.testing.assert_allclose(res.log_weights, 2.0 * reward(res.particles.base))
+    assert res.ledger.reward_calls == 50 and res.info["method"] == "importance_sampling"
