@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppl_scaling.diffusion.text import TEXT_DIR, MaskedDiffusionModel, TextDenoiser, Vocabulary
+from ppl_scaling.diffusion.masked import MaskedDiffusionModel
+from ppl_scaling.diffusion.text_toy import TEXT_DIR, TextDenoiser, Vocabulary
 from ppl_scaling.rng import torch_generator, torch_global_seed
 
 SEQ_LEN = 12

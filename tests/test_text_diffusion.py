@@ -1,5 +1,6 @@
-"""Masked discrete diffusion as an FK model: exactness on an analytic toy, the bundled
-review model (lam = 0 is the base sampler, steering raises the positive share), bad input."""
+"""Masked discrete diffusion dynamics tilted by a potential: exactness on an analytic toy,
+the bundled review model (the terminal tilt for every shape, the ledger, lam = 0 is the base
+sampler, steering raises the positive share), bad input."""
 import math
 
 import numpy as np
@@ -7,9 +8,11 @@ import pytest
 import torch
 
 import ppl_scaling as pps
-from ppl_scaling.diffusion.text import (MaskedDiffusionModel, load_text_mdm, review_model,
-                                        sentiment_reward)
+from ppl_scaling.diffusion.masked import MaskedDiffusionModel
+from ppl_scaling.diffusion.text_toy import load_text_mdm, review_model, sentiment_reward
 from ppl_scaling.errors import PotentialError
+from ppl_scaling.samplers.particle_filtering import particle_filtering
+from ppl_scaling.tilt import Tilted
 
 SHAPES = ("difference", "max", "sum", "last")
 
@@ -34,14 +37,16 @@ def bundled():
     return load_text_mdm()
 
 
-def test_exact_tilt_on_independent_tokens():
+@pytest.mark.parametrize("intermediate", ("argmax", "sample", "many"))
+def test_exact_tilt_on_independent_tokens(intermediate):
     """p(x) = Π_i p(x_i), r = #ones: the tilted target is Π_i p'(x_i), p'(v) ∝ p(v) e^{lam [v=1]},
-    so E[#ones] = L p'(1) and Z = (Σ_v p(v) e^{lam [v=1]})^L in closed form."""
+    so E[#ones] = L p'(1) and Z = (Σ_v p(v) e^{lam [v=1]})^L in closed form, whatever the
+    intermediate rewards."""
     p, L, lam, N, runs = [0.5, 0.2, 0.3], 4, 1.5, 400, 30
     weights = np.array(p) * np.exp(lam * (np.arange(3) == 1))
     exact_mean, exact_logZ = L * weights[1] / weights.sum(), L * math.log(weights.sum())
-    fk = MaskedDiffusionModel(IndependentTokens(p), L, 3, reward=count_ones, lam=lam, num_steps=4,
-                              intermediate="sample")
+    mdm = MaskedDiffusionModel(IndependentTokens(p), L, 3, num_steps=4, intermediate=intermediate)
+    fk = Tilted(mdm, count_ones, lam=lam)
     rng = np.random.default_rng(0)
     est, ratio = [], []
     for _ in range(runs):
@@ -53,57 +58,75 @@ def test_exact_tilt_on_independent_tokens():
         assert abs(np.mean(values) - exact) < 5 * se + 1e-3, (np.mean(values), exact, se)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_product_of_potentials_is_the_terminal_tilt(bundled, shape):
-    """Without resampling the log weight of each particle is lam * r(x_final) for every shape."""
+@pytest.mark.parametrize("intermediate", ("sample", "many"))
+def test_x0_draws_estimate_the_soft_value(intermediate):
+    """At t = 0 (all masked) under IndependentTokens, exp(lam r_0) of "sample" (one fill) and of
+    "many" (the soft value of 4 fills) are unbiased for E[exp(lam #ones(x0))] = (Σ_v p(v) e^{lam [v=1]})^L."""
+    p, L, lam, N = [0.5, 0.2, 0.3], 4, 1.5, 4000
+    exact = float(np.sum(np.array(p) * np.exp(lam * (np.arange(3) == 1)))) ** L
+    mdm = MaskedDiffusionModel(IndependentTokens(p), L, 3, num_steps=4, intermediate=intermediate)
+    values = np.exp(lam * Tilted(mdm, count_ones, lam=lam).M0(N, np.random.default_rng(0)).reward)
+    se = np.std(values, ddof=1) / math.sqrt(N)
+    assert abs(values.mean() - exact) < 5 * se, (values.mean(), exact, se)
+
+
+@pytest.mark.parametrize("shape, intermediate, draws",
+                         [(shape, "argmax", 1) for shape in SHAPES] + [("difference", "many", 4), ("max", "sample", 1)])
+def test_product_of_potentials_is_the_terminal_tilt(bundled, shape, intermediate, draws):
+    """Without resampling the log weight of each particle is lam * r(x_final) for every shape and
+    intermediate reward. Ledger: one denoiser evaluation per particle at t = 0..K-1, and
+    ``draws`` scored values per particle at t < K (x0 fills), one at t = K."""
     model, vocab = bundled
-    lam = 0.7
-    fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=sentiment_reward(vocab),
-                              potential=shape, lam=lam, num_steps=6)
-    res = pps.smc(fk, 16, ess_threshold=0.0, seed=1)
+    lam, N, K = 0.7, 16, 6
+    mdm = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=K, intermediate=intermediate)
+    res = pps.smc(Tilted(mdm, sentiment_reward(vocab), shape=shape, lam=lam), N, ess_threshold=0.0, seed=1)
     final = vocab.sentiment(res.particles.tokens).numpy()
     np.testing.assert_allclose(res.log_weights, lam * final, atol=1e-9)
     np.testing.assert_allclose(res.particles.reward, final)
     assert (res.particles.tokens != vocab.mask_id).all()
-    assert res.compute["nfe"] == 16 * 6 and res.compute["reward_calls"] == 7
+    assert (res.ledger.nfe, res.ledger.reward_calls) == (N * K, N * (draws * K + 1))
 
 
 def test_reward_on_decoded_strings(bundled):
     """``decode`` turns token ids into strings before the reward (here: a list of floats)."""
     model, vocab = bundled
-    fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, decode=vocab.decode, lam=2.0, num_steps=6,
-                              reward=lambda texts: [float("pizza" in t) for t in texts])
-    res = pps.smc(fk, 16, ess_threshold=0.0, seed=2)
+    mdm = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, decode=vocab.decode, num_steps=6)
+    res = pps.smc(Tilted(mdm, lambda texts: [float("pizza" in t) for t in texts], lam=2.0), 16,
+                  ess_threshold=0.0, seed=2)
     pizza = np.array([float("pizza" in t) for t in vocab.decode(res.particles.tokens)])
     np.testing.assert_allclose(res.log_weights, 2.0 * pizza, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lam_zero_is_the_base_sampler(bundled, shape):
+    """lam = 0 (a finite reward keeps every particle): equal weights and, although the rewards
+    of the x0 draws are evaluated, the base sampler's sequences bit for bit."""
     model, vocab = bundled
-    fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, reward=sentiment_reward(vocab),
-                              potential=shape, lam=0.0, num_steps=8, intermediate="many")
-    res = pps.smc(fk, 32, seed=3)
+    mdm = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=8, intermediate="many")
+    res = pps.smc(Tilted(mdm, sentiment_reward(vocab), shape=shape, lam=0.0), 32, seed=3)
     assert np.all(res.log_weights == 0.0) and not res.resampled.any()
-    base = fk.sample(32, np.random.default_rng(3))
+    base = mdm.sample(32, np.random.default_rng(3))
     assert torch.equal(res.particles.tokens, base)
+    np.testing.assert_array_equal(res.particles.reward, vocab.sentiment(base).numpy())
+    assert res.ledger.reward_calls == 32 * (4 * 8 + 1)
 
 
 def test_bundled_model_quality(bundled):
     """Most samples follow the grammar (83% at 24 steps over 1024 samples in metrics.json; the
     rest are mostly parallel-decoding slips), and positive reviews are a minority (28% of the corpus)."""
     model, vocab = bundled
-    fk = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=24)
-    x = fk.sample(200, np.random.default_rng(0))
+    mdm = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=24)
+    x = mdm.sample(200, np.random.default_rng(0))
     assert vocab.is_grammatical(x).float().mean() > 0.7
     pos = float((vocab.sentiment(x) > 0).float().mean())
     assert 0.15 < pos < 0.4
     assert vocab.decode(torch.tensor([vocab.encode("the soup was cold .")])) == ["the soup was cold ."]
 
 
-def steered_draws(fk, N, runs, rng):
-    """One weighted draw from each of ``runs`` independent SMC runs with N particles."""
-    return torch.cat([pps.smc(fk, N, rng=rng).resample(1, rng=rng).tokens for _ in range(runs)])
+def steered_draws(mdm, reward, N, runs, rng):
+    """One weighted draw from each of ``runs`` independent particle filters with N particles."""
+    return torch.cat([particle_filtering(mdm, N, potential=reward, lam=3.0, rng=rng).resample(1, rng=rng).tokens
+                      for _ in range(runs)])
 
 
 def test_steering_raises_positive_share_with_particles(bundled):
@@ -111,9 +134,10 @@ def test_steering_raises_positive_share_with_particles(bundled):
     from the binomial standard errors (4 sigma against the base, 2 sigma between particle counts);
     grammaticality may drop somewhat (measured: 0.72 base, 0.60 and 0.58 steered) but not collapse."""
     _, vocab = bundled
-    fk = review_model(lam=3.0, num_steps=12)
+    mdm, reward = review_model(num_steps=12)
     rng = np.random.default_rng(7)
-    draws = {1: fk.sample(400, rng), 4: steered_draws(fk, 4, 50, rng), 16: steered_draws(fk, 16, 50, rng)}
+    draws = {1: mdm.sample(400, rng), 4: steered_draws(mdm, reward, 4, 50, rng),
+             16: steered_draws(mdm, reward, 16, 50, rng)}
     rate = {N: float((vocab.sentiment(x) > 0).float().mean()) for N, x in draws.items()}
     gram = {N: float(vocab.is_grammatical(x).float().mean()) for N, x in draws.items()}
 
@@ -134,17 +158,25 @@ def test_bad_input(bundled):
         MaskedDiffusionModel(model, L, m, num_steps=0)
     with pytest.raises(ValueError, match="intermediate"):
         MaskedDiffusionModel(model, L, m, intermediate="mean")
+    with pytest.raises(ValueError, match="seq_len"):
+        MaskedDiffusionModel(model, 0, m)
+    with pytest.raises(ValueError, match="num_x0_samples"):
+        MaskedDiffusionModel(model, L, m, num_x0_samples=0)
+    with pytest.raises(ValueError, match="temperature"):
+        MaskedDiffusionModel(model, L, m, temperature=0.0)
+    with pytest.raises(TypeError, match="denoiser must be callable"):
+        MaskedDiffusionModel(None, L, m)
     with pytest.raises(ValueError, match="potential shape"):
-        MaskedDiffusionModel(model, L, m, potential="prod")
+        Tilted(MaskedDiffusionModel(model, L, m), sentiment_reward(vocab), shape="prod")
     with pytest.raises(ValueError, match="logits of shape"):
         pps.smc(MaskedDiffusionModel(lambda x: torch.zeros(x.shape[0], 5), L, m), 4, seed=0)
     with pytest.raises(ValueError, match="mask_id"):
         pps.smc(MaskedDiffusionModel(lambda x: torch.zeros(*x.shape, 5), L, 7), 4, seed=0)
-    nan_reward = MaskedDiffusionModel(model, L, m, reward=lambda x: torch.full((x.shape[0],), float("nan")))
-    with pytest.raises(PotentialError, match="NaN"):
-        pps.smc(nan_reward, 4, seed=0)
-    wrong_shape = MaskedDiffusionModel(model, L, m, reward=lambda x: torch.zeros(x.shape[0], 2))
-    with pytest.raises(PotentialError, match="shape"):
-        pps.smc(wrong_shape, 4, seed=0)
+    for intermediate in ("argmax", "many"):
+        mdm = MaskedDiffusionModel(model, L, m, intermediate=intermediate)
+        with pytest.raises(PotentialError, match="NaN"):
+            pps.smc(Tilted(mdm, lambda x: torch.full((x.shape[0],), float("nan"))), 4, seed=0)
+        with pytest.raises(PotentialError, match="shape"):
+            pps.smc(Tilted(mdm, lambda x: torch.zeros(x.shape[0], 2)), 4, seed=0)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         vocab.encode("the soup was yummy .")
