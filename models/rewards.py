@@ -2,65 +2,51 @@
 
     prm = ProcessRewardModel.from_pretrained(path, aggregation="last", transform="log")
     prm.score(partials, finished)            # (N,) rewards = log-values (ppl_scaling.potentials)
-    w = Weighting.pf_paper(prm, temperature=1.0)   # the PF paper's configuration
+    fk = Tilted(StepModel(lm, prompt, ...), prm, shape="difference", lam=1.0)   # steering
 
-Process reward models (PRMs) give each step j of a solution a probability p_j that
-the solution is still correct after it. Two ways to read them from a Hugging Face model:
+A process reward model (PRM) gives each step j of a solution a probability p_j that the
+solution is still correct after it, read by a step scorer (``ppl_scaling.models.scorers``:
+a Hugging Face model, or a Python step checker through ``ProcessRewardModel.from_function``).
 
-* ``separator`` (Qwen2.5-Math-PRM style): the steps are joined with a separator token
-  (``<extra_0>``) after each step, and p_j is read at the j-th separator from a
-  token-classification head (probability of ``good_label``), or from an LM head as
-  p(good token) / (p(good) + p(bad)) over ``candidate_tokens`` (Math-Shepherd style).
-  One forward scores every step of a prefix.
-* ``classifier`` (``AutoModelForSequenceClassification``): p_j = probability of the
-  positive label for the text of the prefix ending at step j; one forward per prefix.
+Step scores are cached by (prompt, steps so far), so in SMC each step of each particle is
+scored once, also across resampled copies. Aggregations of the step scores of a prefix
+with K steps: ``last`` p_K, ``min`` min_j p_j, ``prod`` prod_j p_j, ``model`` (the PF
+paper's "model aggregation") the score of the whole completion read as one step. The
+reward is a *transform* of the aggregate p, made explicit: ``log`` (log p: the potential
+is p), ``logit`` (log p/(1-p), p clipped to [1e-7, 1-1e-7] as in its_hub: the PF paper's
+weight, see ``ppl_scaling.samplers.particle_filtering.paper_tilt``), or ``p`` itself. A
+prefix with no steps yet gets reward 0.
 
-A rule-based step checker (``fn(prompt, steps) -> one probability or bool per
-step``, e.g. the toy task's exact checker) is a PRM through
-``ProcessRewardModel.from_function``.
-
-Step scores are cached by (prompt, steps so far), so in SMC each step of each
-particle is scored once, also across resampled copies. Aggregations of the step
-scores of a prefix with K steps: ``last`` p_K, ``min`` min_j p_j, ``prod`` Π_j p_j,
-``model`` (the PF paper's "model aggregation") the score of the whole completion
-read as one step. The reward is a *transform* of the aggregate p, made explicit:
-``log`` (log p: the potential is p), ``logit`` (log p/(1-p), p clipped to
-[1e-7, 1-1e-7] as in its_hub: the PF paper's weight), or ``p`` itself. A prefix
-with no steps yet gets reward 0.
-
-Also here: ``OutcomeRewardModel`` (scores finished generations only),
-``Verifier`` (any Python check of the text), ``LLMJudge`` (log-probability that a
-language model answers "Yes" to "is this correct?"), and ``Weighting`` — a reward
-potential together with the FK shape and resampling rule that turn it into an
-SMC run, with the PF paper's configuration as a named preset.
+Also here: ``OutcomeRewardModel`` (scores finished generations only), ``Verifier`` (any
+Python check of the text) and ``LLMJudge`` (log-probability that a language model answers
+"Yes" to "is this correct?"). Compute: ``Potential.score`` records ``reward_calls``, the
+HF scorer ``reward_tokens``, a judge's language model its own tokens and forward passes
+(``ppl_scaling.ledger``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ppl_scaling.errors import PotentialError
+from ppl_scaling.ledger import record, recording
 from ppl_scaling.potentials import Potential
-from ppl_scaling.shapes import FKShape
 
+from .scorers import FunctionScorer, HFStepScorer, StepRequest
 from .types import Partial
 
 __all__ = [
-    "HFStepScorer", "ProcessRewardModel", "OutcomeRewardModel", "Verifier", "LLMJudge",
-    "Weighting", "AGGREGATIONS", "TRANSFORMS",
+    "ProcessRewardModel", "OutcomeRewardModel", "Verifier", "LLMJudge", "AGGREGATIONS", "TRANSFORMS",
+    "transform_log_p",
 ]
 
 AGGREGATIONS = ("last", "min", "prod", "model")
 TRANSFORMS = ("log", "logit", "p")
 LOGIT_EPS = 1e-7
-QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-StepRequest = tuple[str, tuple[str, ...], int]  # (prompt, steps, first step to score)
 
 
 def _partials(xs: Any, who: object) -> list[Partial]:
@@ -91,188 +77,6 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose one of {choices}")
 
 
-# --- reading step scores from a Hugging Face model -----------------------------------
-
-class HFStepScorer:
-    """Step probabilities from a Hugging Face model (see the module docstring).
-
-    Called with requests ``(prompt, steps, first)``, it returns for each the
-    probabilities p_j of steps[j], j = first .. len(steps)-1, given the prompt and
-    the earlier steps. ``format(prompt, steps) -> str`` builds the text the model reads
-    (``classifier`` default: prompt + the steps; ``separator`` default: the tokenizer's
-    chat template with ``system_prompt`` if it has one, else prompt + newline, with
-    every stripped step followed by the separator).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, *, mode: Literal["separator", "classifier"],
-                 separator: str = "<extra_0>", good_label: int = 1,
-                 candidate_tokens: tuple[str, str] | None = None,
-                 system_prompt: str | None = QWEN_PRM_SYSTEM_PROMPT,
-                 format: Callable[[str, Sequence[str]], str] | None = None,
-                 batch_size: int = 16, name: str | None = None):
-        _check_choice(mode, ("separator", "classifier"), "PRM mode")
-        self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
-        self.good_label, self.batch_size = good_label, batch_size
-        self.system_prompt = system_prompt
-        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-        self.separator = separator
-        self.format = format or (self._format_separator if mode == "separator" else _format_plain)
-        if mode == "separator":
-            self.separator_id = self._single_token(separator, "separator")
-        self.candidate_ids = (None if candidate_tokens is None else
-                              [self._single_token(t, "candidate token") for t in candidate_tokens])
-        self.sequences = 0          # sequences read by the model
-        self.forward_passes = 0     # batched forward calls
-
-    def _single_token(self, text: str, what: str) -> int:
-        ids = self.tokenizer.convert_tokens_to_ids([text])
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if not ids or ids[0] is None or (ids[0] == unk and text != self.tokenizer.unk_token):
-            raise ValueError(f"{what} {text!r} is not a single token in the vocabulary of PRM {self.name}; "
-                             "pass the token the PRM was trained with")
-        return int(ids[0])
-
-    def _format_separator(self, prompt: str, steps: Sequence[str]) -> str:
-        answer = "".join(s.strip() + self.separator for s in steps)
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        return prompt.rstrip("\n") + "\n" + answer
-
-    # -- the forward ---------------------------------------------------------------
-    def _rows(self, texts: list[str]) -> list[tuple[Any, list[int]]]:
-        """Per text: the logit rows the scores are read from — (#separators, C) at the
-        separator tokens for ``separator``, (1, C) pooled for ``classifier`` — and the
-        token ids. Texts are batched by length, right-padded with an attention mask."""
-        import torch
-
-        ids = [self.tokenizer(t)["input_ids"] for t in texts]
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        for t, row in zip(texts, ids):
-            if limit is not None and len(row) > limit:
-                raise ValueError(f"PRM {self.name}: input of {len(row)} tokens exceeds the model's "
-                                 f"{limit} positions ({t[:60]!r}...); shorten the prompt or the steps")
-        pad_id = getattr(self.model.config, "pad_token_id", None)
-        # sequence classifiers pool the last non-pad token: without a pad id, one text per forward
-        size = 1 if self.mode == "classifier" and pad_id is None else self.batch_size
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[Any] = [None] * len(ids)
-        device = next(self.model.parameters()).device
-        for s in range(0, len(order), size):
-            g = order[s:s + size]
-            input_ids = torch.full((len(g), len(ids[g[-1]])), 0 if pad_id is None else pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for r, i in enumerate(g):
-                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-                mask[r, :len(ids[i])] = 1
-            with torch.no_grad():
-                res = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-            logits = res.logits if hasattr(res, "logits") else res[0]
-            self.forward_passes += 1
-            self.sequences += len(g)
-            for r, i in enumerate(g):
-                if self.mode == "separator":
-                    pos = [k for k, tok in enumerate(ids[i]) if tok == self.separator_id]
-                    out[i] = logits[r, pos].float().cpu()
-                else:
-                    out[i] = logits[r:r + 1].float().cpu()
-        return list(zip(out, ids))
-
-    def _prob_good(self, logits: Any) -> np.ndarray:
-        """p(good) from rows of logits (M, C)."""
-        import torch
-
-        if self.candidate_ids is not None:
-            return torch.softmax(logits[:, self.candidate_ids], -1)[:, 0].numpy().astype(np.float64)
-        if logits.shape[-1] == 1:
-            return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
-        return torch.softmax(logits, -1)[:, self.good_label].numpy().astype(np.float64)
-
-    def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
-        if self.mode == "separator":
-            texts = [self.format(prompt, steps) for prompt, steps, _ in requests]
-            results = []
-            for (prompt, steps, first), (rows, _) in zip(requests, self._rows(texts)):
-                if len(rows) != len(steps):
-                    raise ValueError(
-                        f"PRM {self.name}: found {len(rows)} separators {self.separator!r} for {len(steps)} steps; "
-                        "a step must not contain the separator (and the format must put one after each step)")
-                results.append(self._checked(self._prob_good(rows[first:]), prompt, first))
-            return results
-        jobs = [(r, j) for r, (_, _, first) in enumerate(requests) for j in range(first, len(requests[r][1]))]
-        texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
-        probs = self._prob_good(_cat([rows for rows, _ in self._rows(texts)])) if texts else np.zeros(0)
-        results, k = [], 0
-        for prompt, steps, first in requests:
-            n = len(steps) - first
-            results.append(self._checked(probs[k:k + n], prompt, first))
-            k += n
-        return results
-
-    def _checked(self, p: np.ndarray, prompt: str, first: int) -> np.ndarray:
-        if np.isnan(p).any():
-            j = first + int(np.flatnonzero(np.isnan(p))[0])
-            raise PotentialError(f"PRM {self.name} returned NaN at step {j} (0-based) of the prompt "
-                                 f"{prompt[:60]!r}; check the model weights and dtype (float16 overflow?)")
-        return p
-
-
-def _format_plain(prompt: str, steps: Sequence[str]) -> str:
-    return prompt + "".join(steps)
-
-
-def _cat(rows: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(rows)
-
-
-class _FunctionScorer:
-    """Step scores from ``fn(prompt, steps) -> one probability per step``."""
-
-    def __init__(self, fn: Callable[[str, tuple[str, ...]], Sequence[float]]):
-        self.fn, self.name = fn, getattr(fn, "__name__", "fn")
-
-    def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
-        out = []
-        for prompt, steps, first in requests:
-            p = np.asarray(self.fn(prompt, steps), dtype=np.float64)
-            if p.shape != (len(steps),):
-                raise PotentialError(f"step checker {self.name} returned {p.size} scores for {len(steps)} steps "
-                                     f"of the prompt {prompt[:60]!r}; return one probability per step")
-            out.append(p[first:])
-        return out
-
-
-def _load_hf(path: str | Path, kind: str, device: str, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any, str]:
-    """Load model and tokenizer; ``kind`` auto-detected from the config's architecture."""
-    import transformers
-
-    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
-        raise FileNotFoundError(f"reward model path {str(path)!r} does not exist; pass a directory saved with "
-                                "save_pretrained (config.json, weights, tokenizer) or a Hub id like 'org/name'")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load reward model {str(path)!r}: {e}") from e
-    arch = " ".join(config.architectures or [])
-    if kind == "auto":
-        kind = ("classifier" if "SequenceClassification" in arch else
-                "separator" if ("TokenClassification" in arch or "RewardModel" in arch or "CausalLM" in arch) else "")
-        if not kind:
-            raise ValueError(f"cannot tell how to read reward model {str(path)!r} (architectures: {arch or 'none'}); "
-                             "pass kind='separator' or kind='classifier'")
-    auto = (transformers.AutoModelForSequenceClassification if kind == "classifier" else
-            transformers.AutoModelForTokenClassification if "TokenClassification" in arch else
-            transformers.AutoModelForCausalLM if "CausalLM" in arch else transformers.AutoModel)
-    model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    if kind == "classifier" and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # lets the classifier batch padded inputs
-    return model, tokenizer, kind
-
-
 # --- process reward models -----------------------------------------------------------
 
 class ProcessRewardModel(Potential):
@@ -285,7 +89,7 @@ class ProcessRewardModel(Potential):
 
     def __init__(self, scorer: Callable[[Sequence[StepRequest]], list[np.ndarray]], *,
                  aggregation: str = "last", transform: str = "log", name: str | None = None,
-                 _cache: dict | None = None):
+                 _cache: dict | None = None) -> None:
         _check_choice(aggregation, AGGREGATIONS, "aggregation")
         _check_choice(transform, TRANSFORMS, "transform")
         self.scorer, self.aggregation, self.transform = scorer, aggregation, transform
@@ -293,22 +97,14 @@ class ProcessRewardModel(Potential):
         self._cache: dict[tuple[str, tuple[str, ...]], float] = {} if _cache is None else _cache
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, kind: Literal["auto", "separator", "classifier"] = "auto",
-                        aggregation: str = "last", transform: str = "log", device: str = "cpu",
-                        dtype: Any = None, separator: str = "<extra_0>", good_label: int = 1,
-                        candidate_tokens: tuple[str, str] | None = None,
-                        system_prompt: str | None = QWEN_PRM_SYSTEM_PROMPT,
-                        format: Callable[[str, Sequence[str]], str] | None = None,
-                        batch_size: int = 16, trust_remote_code: bool = False) -> ProcessRewardModel:
-        """Load a PRM from a local directory (or a Hub id when online). ``kind``: how to
-        read it (auto: sequence classifiers -> ``classifier``, token classifiers,
-        ``*ProcessRewardModel`` and causal LMs with ``candidate_tokens`` -> ``separator``).
-        Qwen2.5-Math-PRM needs ``trust_remote_code=True``."""
-        model, tokenizer, kind = _load_hf(path, kind, device, dtype, trust_remote_code)
-        scorer = HFStepScorer(model, tokenizer, mode=kind, separator=separator, good_label=good_label,
-                              candidate_tokens=candidate_tokens, system_prompt=system_prompt, format=format,
-                              batch_size=batch_size, name=Path(str(path)).name)
-        return cls(scorer, aggregation=aggregation, transform=transform)
+    def from_pretrained(cls, path: str | Path, *, aggregation: str = "last", transform: str = "log",
+                        **scorer_options: Any) -> ProcessRewardModel:
+        """A PRM read from a Hugging Face model saved in ``path`` (or a Hub id when online);
+        ``scorer_options`` (``kind``, ``device``, ``dtype``, ``separator``, ``good_label``,
+        ``candidate_tokens``, ``system_prompt``, ``format``, ``batch_size``,
+        ``trust_remote_code``) as in ``HFStepScorer.from_pretrained``."""
+        return cls(HFStepScorer.from_pretrained(path, **scorer_options), aggregation=aggregation,
+                   transform=transform)
 
     @classmethod
     def from_function(cls, fn: Callable[[str, tuple[str, ...]], Sequence[float]], *, aggregation: str = "last",
@@ -316,7 +112,7 @@ class ProcessRewardModel(Potential):
         """A PRM from a Python step checker: ``fn(prompt, steps)`` gives the probability
         (or a bool: correct / not) of every step; e.g. an exact checker as a perfect PRM.
         With ``transform="log"`` a False step rejects the particle (log 0 = -inf)."""
-        return cls(_FunctionScorer(fn), aggregation=aggregation, transform=transform, name=name)
+        return cls(FunctionScorer(fn), aggregation=aggregation, transform=transform, name=name)
 
     def configured(self, *, aggregation: str | None = None, transform: str | None = None) -> ProcessRewardModel:
         """The same model (and score cache) with another aggregation / transform."""
@@ -325,11 +121,6 @@ class ProcessRewardModel(Potential):
 
     def clear_cache(self) -> None:
         self._cache.clear()
-
-    def counters(self) -> dict[str, int]:
-        """Cumulative compute of the underlying model (if it counts)."""
-        return {"reward_sequences": getattr(self.scorer, "sequences", 0),
-                "reward_forward_passes": getattr(self.scorer, "forward_passes", 0)}
 
     def step_scores(self, xs: Any) -> list[np.ndarray]:
         """Probabilities of the scored steps of each Partial: all K steps, or for
@@ -361,6 +152,7 @@ class ProcessRewardModel(Potential):
         return [np.array([self._cache[(prompt, steps[:j + 1])] for j in range(len(steps))]) for prompt, steps in views]
 
     def prefix(self, xs: Any) -> np.ndarray:
+        """transform(aggregate_j p_j) of each Partial; 0 for a Partial with no steps."""
         xs = _partials(xs, self)
         out = np.zeros(len(xs))
         for i, p in enumerate(self.step_scores(xs)):
@@ -382,7 +174,7 @@ class OutcomeRewardModel(Potential):
     pick) or a function of the batch of Partials returning log-values.
     """
 
-    def __init__(self, reward: Potential | Callable[[list[Partial]], Any], *, name: str | None = None):
+    def __init__(self, reward: Potential | Callable[[list[Partial]], Any], *, name: str | None = None) -> None:
         self.reward = reward if isinstance(reward, Potential) else Potential.from_callable(reward)
         self.name = name or f"ORM({self.reward!r})"
 
@@ -411,7 +203,7 @@ class Verifier(Potential):
 
     def __init__(self, fn: Callable[[str], bool | float], *, penalty: float = -math.inf,
                  text: Literal["completion", "full"] = "completion", on_prefix: bool = False,
-                 name: str | None = None):
+                 name: str | None = None) -> None:
         if math.isnan(penalty) or penalty == math.inf:
             raise ValueError(f"penalty must be a finite log-value or -inf, got {penalty}")
         _check_choice(text, ("completion", "full"), "verifier text")
@@ -445,10 +237,14 @@ class LLMJudge(Potential):
     token. The context / answer split is the longest common prefix of
     encode(text) and encode(text + answer), so BOS tokens and merges are handled.
     Finished generations only, unless ``on_prefix``. Scores are cached by text.
+    Compute: the language model's backend records its forward passes and context tokens
+    in the ledger (an LM that records nothing gets one forward pass and its contexts as
+    ``prefill_tokens`` recorded here instead); ``score`` counts ``reward_calls``. So the
+    judge's work is counted once.
     """
 
     def __init__(self, lm: Any, *, template: str = JUDGE_TEMPLATE, yes: str = "Yes", no: str | None = "No",
-                 on_prefix: bool = False, name: str | None = None):
+                 on_prefix: bool = False, name: str | None = None) -> None:
         if "{completion}" not in template:
             raise ValueError("the judge template must contain '{completion}' (and usually '{prompt}')")
         self.lm, self.template, self.yes, self.no, self.on_prefix = lm, template, yes, no, on_prefix
@@ -468,7 +264,10 @@ class LLMJudge(Potential):
                 queries.append(list(full[:j]))
                 owners.append(i)
                 targets.append(full[j])
-        lp = self.lm.next_token_logprobs(queries)
+        with recording() as own:
+            lp = self.lm.next_token_logprobs(queries)
+        if own.forward_passes == 0:  # an LM that records nothing: its one call, counted here once
+            record(forward_passes=1, prefill_tokens=sum(len(q) for q in queries))
         lp = np.asarray(lp.detach().cpu().float() if hasattr(lp, "detach") else lp, dtype=np.float64)
         out = np.zeros(len(texts))
         np.add.at(out, owners, lp[np.arange(len(queries)), targets])
@@ -489,54 +288,3 @@ class LLMJudge(Potential):
 
     def complete(self, xs: Any) -> np.ndarray:
         return self._judge(xs)
-
-
-# --- how a reward becomes an SMC run -----------------------------------------------------
-
-@dataclass(frozen=True)
-class Weighting:
-    """A reward potential plus the FK shape and resampling rule that make it an SMC run.
-
-    The step model computes r_t = ``potential.score(partials, finished)`` after every
-    step and logG_t from ``shape`` (``ppl_scaling.shapes.FKShape``), so the final target
-    is p_LM(x) exp(lam r(x)); ``ess_threshold`` and ``resampling`` go to ``smc``
-    (``smc_kwargs()``).
-    """
-
-    potential: Potential
-    shape: FKShape
-    ess_threshold: float = 0.5
-    resampling: str = "systematic"
-
-    def smc_kwargs(self) -> dict[str, Any]:
-        return {"ess_threshold": self.ess_threshold, "resampling": self.resampling}
-
-    @classmethod
-    def shaped(cls, potential: Potential, shape: str = "difference", lam: float = 1.0, *,
-               ess_threshold: float = 0.5, resampling: str = "systematic") -> Weighting:
-        """FK steering's shapes (``difference``, ``max``, ``sum``, ``last``) with
-        adaptive resampling."""
-        return cls(potential, FKShape(shape, lam), ess_threshold, resampling)
-
-    @classmethod
-    def pf_paper(cls, prm: ProcessRewardModel, temperature: float = 1.0, *,
-                 aggregation: str | None = None) -> Weighting:
-        """The particle filter of Puri et al. (2025), "A Probabilistic Inference Approach
-        to Inference-Time Scaling of LLMs using Particle-Based Monte Carlo Methods".
-
-        Reward r_t = logit(p_t), p_t the PRM score of the whole prefix after step t
-        (``aggregation`` default: the PRM's own; the paper's code uses ``model``,
-        its_hub ``last``); FK shape ``last`` with lam = 1 / temperature; multinomial
-        resampling at every step. As an FK model: since weights reset at every
-        resampling, particles are selected at step t with probabilities
-        softmax(logit(p_t) / temperature) — exactly the paper's rule (odds
-        (p_t / (1 - p_t))^(1/temperature)). The last potential carries the terminal
-        correction of ``last``, so the weighted final particles target
-        p_LM(x) (p(x) / (1 - p(x)))^(1/temperature) exactly; the paper's code omits
-        that correction (its final weights are the plain softmax of the final logits),
-        which leaves the over-selection of the intermediate steps in the result.
-        """
-        if not temperature > 0:
-            raise ValueError(f"softmax temperature must be > 0, got {temperature}")
-        return cls(prm.configured(aggregation=aggregation, transform="logit"),
-                   FKShape("last", 1.0 / temperature), ess_threshold=1.0, resampling="multinomial")

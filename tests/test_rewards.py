@@ -1,19 +1,24 @@
-"""Reward models as potentials (PRMs on tiny random HF models, ORMs, verifiers, judges)
-and answer extraction / equivalence."""
+"""Reward models as potentials (PRMs on tiny random HF models, ORMs, verifiers, judges),
+their compute in the ledger, the PF paper's tilt, and answer extraction / equivalence."""
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from ppl_scaling import smc
 from ppl_scaling.errors import PotentialError
+from ppl_scaling.ledger import record, recording
 from ppl_scaling.models.answers import extract_answer, extract_boxed, is_equivalent, normalize_answer
-from ppl_scaling.models.rewards import (
-    HFStepScorer, LLMJudge, OutcomeRewardModel, ProcessRewardModel, Verifier, Weighting, transform_log_p,
-)
+from ppl_scaling.models.rewards import LLMJudge, OutcomeRewardModel, ProcessRewardModel, Verifier, transform_log_p
+from ppl_scaling.models.scorers import HFStepScorer
+from ppl_scaling.models.step import StepModel
 from ppl_scaling.models.types import Partial
 from ppl_scaling.potentials import Potential, check_potential
+from ppl_scaling.samplers.particle_filtering import paper_tilt, pf_paper
 from ppl_scaling.shapes import FKShape
+from ppl_scaling.tilt import Tilted
 
 Q = "Q:1+2\n"
 
@@ -181,6 +186,22 @@ def _probs(logits):
     return torch.softmax(logits.float(), -1)[..., 1].numpy()
 
 
+@contextlib.contextmanager
+def counting_forwards(model):
+    """The batch size of every forward call of ``model`` (a list, filled while inside)."""
+    rows = []
+    handle = model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def _num_tokens(tok, texts):
+    return sum(len(tok(t)["input_ids"]) for t in texts)
+
+
 def test_separator_prm_matches_a_manual_forward(tiny):
     path, model, tok = tiny["token"]
     prm = ProcessRewardModel.from_pretrained(path, aggregation="min", transform="p")
@@ -197,12 +218,20 @@ def test_separator_prm_matches_a_manual_forward(tiny):
 
 def test_separator_prm_scores_new_prefixes_only(tiny):
     prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
-    prm.score(XS[:1] * 3)
-    assert prm.counters()["reward_sequences"] == 1
-    prm.score(XS)
-    assert prm.counters()["reward_sequences"] == 3  # the 2- and 3-step prefixes; 0 steps needs no model
-    prm.score(XS)
-    assert prm.counters() == {"reward_sequences": 3, "reward_forward_passes": 2}
+    scorer = prm.scorer
+    texts = [scorer.format(x.prompt, x.steps) for x in XS[:3]]
+    with counting_forwards(scorer.model) as rows, recording() as ledger:
+        prm.score(XS[:1] * 3)
+        assert sum(rows) == 1
+        assert (ledger.reward_calls, ledger.reward_tokens) == (3, _num_tokens(scorer.tokenizer, texts[:1]))
+        prm.score(XS)
+        assert sum(rows) == 3  # the 2- and 3-step prefixes; 0 steps needs no model
+        prm.score(XS)
+        assert (sum(rows), len(rows)) == (3, 2)
+    # the tokens the model read, padding excluded (the second forward pads the shorter text)
+    assert ledger.reward_tokens == _num_tokens(scorer.tokenizer, texts)
+    assert ledger.reward_calls == 3 + 4 + 4
+    assert (ledger.tokens, ledger.forward_passes) == (0, 0)  # a reward model's compute is its own
 
 
 def test_model_aggregation_reads_the_completion_as_one_step(tiny):
@@ -236,16 +265,20 @@ def test_classifier_prm_scores_each_step_prefix(tiny, which):
         ids = torch.tensor([tok(Q + "".join(x.steps[:k]))["input_ids"]])
         with torch.no_grad():
             expect.append(_probs(model(input_ids=ids).logits[0]))
-    np.testing.assert_allclose(prm.step_scores([x])[0], expect, rtol=1e-5)
-    np.testing.assert_allclose(prm.score([x]), [np.log(expect).sum()], rtol=1e-5)
-    check_potential(prm, XS, prefixes=step_prefixes, atol=1e-5, rtol=1e-5)
-    assert prm.counters()["reward_sequences"] == 5  # the 5 distinct step prefixes of XS, once each
+    with counting_forwards(prm.scorer.model) as rows, recording() as ledger:
+        np.testing.assert_allclose(prm.step_scores([x])[0], expect, rtol=1e-5)
+        np.testing.assert_allclose(prm.score([x]), [np.log(expect).sum()], rtol=1e-5)
+        check_potential(prm, XS, prefixes=step_prefixes, atol=1e-5, rtol=1e-5)
+    assert sum(rows) == 5  # the 5 distinct step prefixes of XS, once each
+    prefixes = {Q + "".join(p.steps[:k]) for p in XS for k in range(1, len(p.steps) + 1)}
+    assert len(prefixes) == 5 and ledger.reward_tokens == _num_tokens(tok, prefixes)
     if which == "seq_nopad":  # loaded with the tokenizer's pad id; without one, one text per forward
         assert prm.scorer.model.config.pad_token_id == tok.pad_token_id
         model.config.pad_token_id = None
         bare = ProcessRewardModel(HFStepScorer(model, tok, mode="classifier"), aggregation="prod")
-        np.testing.assert_allclose(bare.score(XS), prm.score(XS), rtol=1e-5)
-        assert bare.scorer.forward_passes == 5
+        with counting_forwards(model) as rows, recording() as ledger:
+            np.testing.assert_allclose(bare.score(XS), prm.score(XS), rtol=1e-5)
+        assert len(rows) == 5 and ledger.reward_tokens == _num_tokens(tok, prefixes)
 
 
 def test_separator_format_uses_the_chat_template(tiny):
@@ -346,7 +379,8 @@ class CharLM:
     """A fake language model over characters: log p(next | context) depends on the
     last character only (a fixed random bigram table)."""
 
-    def __init__(self, bos=True):
+    def __init__(self, bos=True, records=True):
+        self.records = records
         self.vocab = sorted(set("QA:0123456789+-=\n? YesNoIthiscr.uwvab")) + ["<bos>"]
         self.bos = bos
         rng = np.random.default_rng(0)
@@ -359,11 +393,14 @@ class CharLM:
 
     def next_token_logprobs(self, contexts):
         self.calls += 1
+        if self.records:  # as a backend does
+            record(forward_passes=1, prefill_tokens=sum(len(c) for c in contexts))
         return self.table[[c[-1] for c in contexts]]
 
 
-def test_llm_judge_yes_probability():
-    lm = CharLM()
+@pytest.mark.parametrize("records", [True, False])
+def test_llm_judge_yes_probability(records):
+    lm = CharLM(records=records)
     judge = LLMJudge(lm, template="{prompt}{completion}Is this correct?", no=None)
     x = Partial(Q, ("1+2=3\n",))
     ids = lm.encode(judge.template.format(prompt=Q, completion=x.completion) + "Yes")
@@ -375,7 +412,16 @@ def test_llm_judge_yes_probability():
     ids_no = lm.encode(judge.template.format(prompt=Q, completion=x.completion) + "No")
     lp_no = sum(lm.table[ids_no[j - 1], ids_no[j]].item() for j in range(n_ctx, len(ids_no)))
     norm = LLMJudge(lm, template=judge.template)
-    np.testing.assert_allclose(norm.score([x, x], True), [expect - np.logaddexp(expect, lp_no)] * 2)
+    calls = lm.calls
+    with recording() as ledger:
+        np.testing.assert_allclose(norm.score([x, x], True), [expect - np.logaddexp(expect, lp_no)] * 2)
+    # the judge's work is counted once (by its language model, or by the judge if the model
+    # records nothing): 2 forwards (Yes, No) over the contexts of the 3 + 2 answer tokens,
+    # and the 2 reward calls
+    contexts = (n_ctx + n_ctx + 1 + n_ctx + 2) + (n_ctx + n_ctx + 1)
+    spent = {k: v for k, v in ledger.as_dict().items() if v and k != "wall_s"}
+    assert lm.calls - calls == 2
+    assert spent == {"forward_passes": 2, "prefill_tokens": contexts, "reward_calls": 2}
     calls = lm.calls
     norm.score([x], True)
     assert lm.calls == calls  # cached by text
@@ -393,31 +439,7 @@ def test_products_and_tempering_of_reward_models():
     check_potential(combo, xs, prefixes=step_prefixes)
 
 
-# --- the PF paper's configuration -------------------------------------------------
-
-def test_pf_paper_weighting():
-    prm = ProcessRewardModel(FakeScorer(), aggregation="last")
-    w = Weighting.pf_paper(prm, temperature=0.5)
-    assert w.shape == FKShape("last", 2.0) and w.potential.transform == "logit"
-    assert w.smc_kwargs() == {"ess_threshold": 1.0, "resampling": "multinomial"}
-    assert w.potential._cache is prm._cache  # same model, shared scores
-    # at an intermediate step the selection probabilities are softmax(logit(p_t) / T)
-    xs = [Partial(Q, ("a\n",)), Partial(Q, ("b\n",)), Partial(Q, ("c\n",))]
-    r = w.potential.score(xs)
-    logG, acc = w.shape.step(w.shape.init(3), r)
-    p = np.array([0.9, 0.5, 0.2])
-    odds = (p / (1 - p)) ** 2.0
-    np.testing.assert_allclose(np.exp(logG) / np.exp(logG).sum(), odds / odds.sum())
-    # the final potential makes the product exactly exp(lam * r_final)
-    r2 = w.potential.score([Partial(Q, ("a\n", "b\n"))] * 3)
-    logG2, _ = w.shape.step(acc, r2, final=True)
-    np.testing.assert_allclose(logG + logG2, 2.0 * r2)
-    with pytest.raises(ValueError, match="temperature"):
-        Weighting.pf_paper(prm, temperature=0.0)
-    assert Weighting.shaped(prm, "max", 3.0).shape == FKShape("max", 3.0)
-
-
-# --- the PF paper's weighting drives a StepModel to the tilted target -------------
+# --- the PF paper's tilt drives a StepModel to the odds-tilted target ----------------
 
 BIGRAM = np.array([[0.0, 0.5, 0.3, 0.2],   # rows: previous token ^ a b EOS; columns: next token
                    [0.0, 0.3, 0.4, 0.3],
@@ -443,6 +465,11 @@ def _bigram_lm():
     return Bigram()
 
 
+def _bigram_dynamics(T):
+    """One token per step after the prompt "^", at most T steps: pure dynamics."""
+    return StepModel(_bigram_lm(), "^", step_delimiter=None, max_steps=T)
+
+
 def _p_good(text):  # a PRM that likes a's: p = sigmoid(#a - #b - 0.5)
     return 1.0 / (1.0 + math.exp(-(text.count("a") - text.count("b") - 0.5)))
 
@@ -455,14 +482,46 @@ class PrefixScorer:
                 for _, steps, first in requests]
 
 
-def test_pf_paper_weighting_targets_the_odds_tilted_model():
+def test_paper_tilt_is_the_pf_paper_weighting():
+    prm = ProcessRewardModel(FakeScorer(), aggregation="last")
+    dynamics = _bigram_dynamics(3)
+    fk = paper_tilt(dynamics, prm, softmax_temperature=0.5)
+    assert fk.shape == FKShape("last", 2.0) and fk.potential.transform == "logit"
+    assert fk.dynamics is dynamics and fk.potential.aggregation == "last"
+    assert paper_tilt(dynamics, prm, aggregation="model").potential.aggregation == "model"
+    assert fk.potential._cache is prm._cache  # same model, shared scores
+    # at an intermediate step the selection probabilities are softmax(logit(p_t) / T)
+    xs = [Partial(Q, ("a\n",)), Partial(Q, ("b\n",)), Partial(Q, ("c\n",))]
+    r = fk.potential.score(xs)
+    logG, acc = fk.shape.step(fk.shape.init(3), r)
+    p = np.array([0.9, 0.5, 0.2])
+    odds = (p / (1 - p)) ** 2.0
+    np.testing.assert_allclose(np.exp(logG) / np.exp(logG).sum(), odds / odds.sum())
+    # the final potential makes the product exactly exp(lam * r_final)
+    r2 = fk.potential.score([Partial(Q, ("a\n", "b\n"))] * 3)
+    logG2, _ = fk.shape.step(acc, r2, final=True)
+    np.testing.assert_allclose(logG + logG2, 2.0 * r2)
+    with pytest.raises(ValueError, match="temperature"):
+        paper_tilt(dynamics, prm, softmax_temperature=0.0)
+    assert Tilted(dynamics, prm, shape="max", lam=3.0).shape == FKShape("max", 3.0)
+
+
+def test_pf_paper_resamples_multinomially_at_every_step():
+    dynamics, prm = _bigram_dynamics(3), ProcessRewardModel(PrefixScorer())
+    res = pf_paper(dynamics, 64, potential=prm, softmax_temperature=0.5, seed=3)
+    assert res.info["ess_threshold"] == 1.0 and res.info["selection"] == "multinomial"
+    assert res.resampled.size > 1 and all(res.resampled[1:])
+    ref = smc(paper_tilt(dynamics, prm, 0.5), 64, ess_threshold=1.0, resampling="multinomial", seed=3)
+    np.testing.assert_array_equal(res.log_weights, ref.log_weights)
+    assert res.particles.partials() == ref.particles.partials()
+    np.testing.assert_array_equal(res.rewards, ref.particles.reward)  # the paper's final pick reads these
+
+
+def test_pf_paper_targets_the_odds_tilted_model():
     import itertools
 
-    from ppl_scaling import smc
-    from ppl_scaling.models.step import StepModel
-
     T, temperature = 3, 0.5
-    w = Weighting.pf_paper(ProcessRewardModel(PrefixScorer()), temperature=temperature)
+    prm = ProcessRewardModel(PrefixScorer())
     # exact: Z = Σ_x p(x) (p_good(x) / (1 - p_good(x)))^(1/temperature), and E[#a] under the target
     Z, mean_a = 0.0, 0.0
     for k in range(1, T + 1):
@@ -475,11 +534,10 @@ def test_pf_paper_weighting_targets_the_odds_tilted_model():
             Z += prob * odds ** (1 / temperature)
             mean_a += prob * odds ** (1 / temperature) * text.count("a")
     mean_a /= Z
-    fk = StepModel(_bigram_lm(), "^", w.potential, step_delimiter=None, max_steps=T,
-                   shape=w.shape.name, lam=w.shape.lam)
+    dynamics = _bigram_dynamics(T)
     Zs, means = [], []
     for seed in range(20):
-        res = smc(fk, 400, seed=seed, **w.smc_kwargs())
+        res = pf_paper(dynamics, 400, potential=prm, softmax_temperature=temperature, seed=seed)
         Zs.append(np.exp(res.log_evidence))
         counts = np.array([p.completion.count("a") for p in res.particles.partials()])
         means.append(float(res.weights @ counts))

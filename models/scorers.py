@@ -1,0 +1,229 @@
+"""Step scorers: what a process reward model reads, from a Hugging Face model or a function.
+
+A step scorer is a callable ``scorer(requests) -> list[np.ndarray]``: for each request
+``(prompt, steps, first)`` it returns p_j, j = first .. len(steps) - 1, the probability
+that the solution is still correct after steps[j], given the prompt and the earlier
+steps. ``ppl_scaling.models.rewards.ProcessRewardModel`` turns those into rewards.
+
+Two ways to read p_j from a Hugging Face model (``HFStepScorer``):
+
+* ``separator`` (Qwen2.5-Math-PRM style): the steps are joined with a separator token
+  (``<extra_0>``) after each step, and p_j is read at the j-th separator from a
+  token-classification head (probability of ``good_label``), or from an LM head as
+  p(good token) / (p(good) + p(bad)) over ``candidate_tokens`` (Math-Shepherd style).
+  One forward scores every step of a prefix.
+* ``classifier`` (``AutoModelForSequenceClassification``): p_j = probability of the
+  positive label for the text of the prefix ending at step j; one forward per prefix.
+
+``FunctionScorer`` wraps a rule-based checker ``fn(prompt, steps) -> one probability or
+bool per step`` (e.g. the toy task's exact checker). Compute: ``HFStepScorer`` records
+``reward_tokens`` (the tokens it feeds the model, padding excluded) in the compute
+ledger (``ppl_scaling.ledger``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ppl_scaling.errors import PotentialError
+from ppl_scaling.ledger import record
+
+__all__ = ["HFStepScorer", "FunctionScorer", "StepRequest", "format_plain", "QWEN_PRM_SYSTEM_PROMPT", "MODES"]
+
+MODES = ("separator", "classifier")
+QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+StepRequest = tuple[str, tuple[str, ...], int]  # (prompt, steps, first step to score)
+
+
+def format_plain(prompt: str, steps: Sequence[str]) -> str:
+    """The text a classifier PRM reads: prompt + the steps."""
+    return prompt + "".join(steps)
+
+
+class HFStepScorer:
+    """Step probabilities from a Hugging Face model (see the module docstring).
+
+    ``format(prompt, steps) -> str`` builds the text the model reads (``classifier``
+    default: ``format_plain``; ``separator`` default: the tokenizer's chat template with
+    ``system_prompt`` if it has one, else prompt + newline, with every stripped step
+    followed by the separator).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, mode: Literal["separator", "classifier"],
+                 separator: str = "<extra_0>", good_label: int = 1,
+                 candidate_tokens: tuple[str, str] | None = None,
+                 system_prompt: str | None = QWEN_PRM_SYSTEM_PROMPT,
+                 format: Callable[[str, Sequence[str]], str] | None = None,
+                 batch_size: int = 16, name: str | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown PRM mode {mode!r}; choose one of {MODES}")
+        self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
+        self.good_label, self.batch_size = good_label, batch_size
+        self.system_prompt = system_prompt
+        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        self.separator = separator
+        self.format = format or (self._format_separator if mode == "separator" else format_plain)
+        if mode == "separator":
+            self.separator_id = self._single_token(separator, "separator")
+        self.candidate_ids = (None if candidate_tokens is None else
+                              [self._single_token(t, "candidate token") for t in candidate_tokens])
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, kind: Literal["auto", "separator", "classifier"] = "auto",
+                        device: str = "cpu", dtype: Any = None, trust_remote_code: bool = False,
+                        **options: Any) -> HFStepScorer:
+        """Load a scorer from a local directory (or a Hub id when online). ``kind``: how to
+        read it (auto: sequence classifiers -> ``classifier``; token classifiers,
+        ``*ProcessRewardModel`` and causal LMs with ``candidate_tokens`` -> ``separator``).
+        ``options``: the constructor's keywords. Qwen2.5-Math-PRM needs ``trust_remote_code=True``."""
+        model, tokenizer, kind = _load_hf(path, kind, device, dtype, trust_remote_code)
+        options.setdefault("name", Path(str(path)).name)
+        return cls(model, tokenizer, mode=kind, **options)
+
+    def _single_token(self, text: str, what: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([text])
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if not ids or ids[0] is None or (ids[0] == unk and text != self.tokenizer.unk_token):
+            raise ValueError(f"{what} {text!r} is not a single token in the vocabulary of PRM {self.name}; "
+                             "pass the token the PRM was trained with")
+        return int(ids[0])
+
+    def _format_separator(self, prompt: str, steps: Sequence[str]) -> str:
+        answer = "".join(s.strip() + self.separator for s in steps)
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return prompt.rstrip("\n") + "\n" + answer
+
+    # -- the forward ---------------------------------------------------------------
+    def _rows(self, texts: list[str]) -> list[Any]:
+        """Per text, the logit rows the scores are read from: (#separators, C) at the
+        separator tokens for ``separator``, (1, C) pooled for ``classifier``. Texts are
+        batched by length, right-padded with an attention mask; records ``reward_tokens``."""
+        import torch
+
+        ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        for t, row in zip(texts, ids):
+            if limit is not None and len(row) > limit:
+                raise ValueError(f"PRM {self.name}: input of {len(row)} tokens exceeds the model's "
+                                 f"{limit} positions ({t[:60]!r}...); shorten the prompt or the steps")
+        pad_id = getattr(self.model.config, "pad_token_id", None)
+        # sequence classifiers pool the last non-pad token: without a pad id, one text per forward
+        size = 1 if self.mode == "classifier" and pad_id is None else self.batch_size
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[Any] = [None] * len(ids)
+        device = next(self.model.parameters()).device
+        for s in range(0, len(order), size):
+            g = order[s:s + size]
+            input_ids = torch.full((len(g), len(ids[g[-1]])), 0 if pad_id is None else pad_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for r, i in enumerate(g):
+                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            with torch.no_grad():
+                res = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            record(reward_tokens=int(mask.sum()))
+            logits = res.logits if hasattr(res, "logits") else res[0]
+            for r, i in enumerate(g):
+                if self.mode == "separator":
+                    pos = [k for k, tok in enumerate(ids[i]) if tok == self.separator_id]
+                    out[i] = logits[r, pos].float().cpu()
+                else:
+                    out[i] = logits[r:r + 1].float().cpu()
+        return out
+
+    def _prob_good(self, logits: Any) -> np.ndarray:
+        """p(good) from rows of logits (M, C): softmax over the candidate tokens, the
+        sigmoid of a one-logit head, else softmax(logits)[good_label]."""
+        import torch
+
+        if self.candidate_ids is not None:
+            return torch.softmax(logits[:, self.candidate_ids], -1)[:, 0].numpy().astype(np.float64)
+        if logits.shape[-1] == 1:
+            return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
+        return torch.softmax(logits, -1)[:, self.good_label].numpy().astype(np.float64)
+
+    def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
+        if self.mode == "separator":
+            texts = [self.format(prompt, steps) for prompt, steps, _ in requests]
+            results = []
+            for (prompt, steps, first), rows in zip(requests, self._rows(texts)):
+                if len(rows) != len(steps):
+                    raise ValueError(
+                        f"PRM {self.name}: found {len(rows)} separators {self.separator!r} for {len(steps)} steps; "
+                        "a step must not contain the separator (and the format must put one after each step)")
+                results.append(self._checked(self._prob_good(rows[first:]), prompt, first))
+            return results
+        jobs = [(r, j) for r, (_, _, first) in enumerate(requests) for j in range(first, len(requests[r][1]))]
+        texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
+        probs = self._prob_good(_cat(self._rows(texts))) if texts else np.zeros(0)
+        results, k = [], 0
+        for prompt, steps, first in requests:
+            n = len(steps) - first
+            results.append(self._checked(probs[k:k + n], prompt, first))
+            k += n
+        return results
+
+    def _checked(self, p: np.ndarray, prompt: str, first: int) -> np.ndarray:
+        if np.isnan(p).any():
+            j = first + int(np.flatnonzero(np.isnan(p))[0])
+            raise PotentialError(f"PRM {self.name} returned NaN at step {j} (0-based) of the prompt "
+                                 f"{prompt[:60]!r}; check the model weights and dtype (float16 overflow?)")
+        return p
+
+
+def _cat(rows: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(rows)
+
+
+class FunctionScorer:
+    """Step scores from ``fn(prompt, steps) -> one probability (or bool) per step``."""
+
+    def __init__(self, fn: Callable[[str, tuple[str, ...]], Sequence[float]]) -> None:
+        self.fn, self.name = fn, getattr(fn, "__name__", "fn")
+
+    def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
+        out = []
+        for prompt, steps, first in requests:
+            p = np.asarray(self.fn(prompt, steps), dtype=np.float64)
+            if p.shape != (len(steps),):
+                raise PotentialError(f"step checker {self.name} returned {p.size} scores for {len(steps)} steps "
+                                     f"of the prompt {prompt[:60]!r}; return one probability per step")
+            out.append(p[first:])
+        return out
+
+
+def _load_hf(path: str | Path, kind: str, device: str, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    """Load model and tokenizer; ``kind`` auto-detected from the config's architecture."""
+    import transformers
+
+    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise FileNotFoundError(f"reward model path {str(path)!r} does not exist; pass a directory saved with "
+                                "save_pretrained (config.json, weights, tokenizer) or a Hub id like 'org/name'")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load reward model {str(path)!r}: {e}") from e
+    arch = " ".join(config.architectures or [])
+    if kind == "auto":
+        kind = ("classifier" if "SequenceClassification" in arch else
+                "separator" if ("TokenClassification" in arch or "RewardModel" in arch or "CausalLM" in arch) else "")
+        if not kind:
+            raise ValueError(f"cannot tell how to read reward model {str(path)!r} (architectures: {arch or 'none'}); "
+                             "pass kind='separator' or kind='classifier'")
+    auto = (transformers.AutoModelForSequenceClassification if kind == "classifier" else
+            transformers.AutoModelForTokenClassification if "TokenClassification" in arch else
+            transformers.AutoModelForCausalLM if "CausalLM" in arch else transformers.AutoModel)
+    model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    if kind == "classifier" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # lets the classifier batch padded inputs
+    return model, tokenizer, kind
