@@ -4,7 +4,7 @@ Part 1 (overhead). The same tiny UNet2DModel (1x8x8, channels 32/64, random weig
 cost, not the quality, matters), the same N particles and K DDIM (eta=1) steps:
 
     plain      x = randn; for t: eps = unet(x, t); x = scheduler.step(eps, t, x)  (a 5-line loop)
-    FK         DiffusionModel + ppl_scaling.smc, resampling at every step (worst case)
+    FK         fk_steering: Tilted(DiffusionModel) + the SMC engine, resampling at every step (worst case)
     FK sched   FK's published schedule: resample every 5 loop steps from 5 to 30 (of K), reward only there
 
 "reward excluded" uses a zero-cost reward (engine overhead only); "reward included" a small
@@ -21,6 +21,7 @@ adaptive resampling as its code runs it (weights dropped at steps without resamp
 
     .venv/bin/python benchmarks/diffusion_overhead.py            # both parts
     .venv/bin/python benchmarks/diffusion_overhead.py --part overhead
+    .venv/bin/python benchmarks/diffusion_overhead.py --quick    # a smoke run (numbers meaningless)
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ import torch
 import ppl_scaling as pps
 from ppl_scaling.diffusion.gmm import GaussianMixture, LinearReward
 from ppl_scaling.diffusion.model import DiffusionModel
-from ppl_scaling.diffusion.steering import fk_steering
 from ppl_scaling.resampling import get_scheme
+from ppl_scaling.samplers.fk_steering import fk_steering
 from ppl_scaling.state import take
+from ppl_scaling.tilt import Tilted
 from ppl_scaling.weights import ess, normalise
 
 
@@ -77,24 +79,24 @@ def overhead(N: int, K: int, repeats: int) -> None:
     unet, sched = tiny_unet(), DDIMScheduler()
     clf = ClassifierReward(tiny_classifier(), target=3)
     zero = lambda x: torch.zeros(x.shape[0])  # noqa: E731
+    model = DiffusionModel(unet, sched, (1, 8, 8), num_inference_steps=K)
+
+    def fk(reward, denoiser_model=model, **kw):
+        return lambda s: fk_steering(denoiser_model, N, potential=reward, lam=1.0, seed=s, **kw)
+
+    every, schedule = {"ess_threshold": 1.0}, {"resample_every": 5, "t_start": 5, "t_end": 30}
+    null = lambda x, t: torch.zeros_like(x)  # noqa: E731
     runs = {
         "plain": lambda s: plain_sampling(unet, sched, N, K, s),
         "plain + final reward": lambda s: plain_sampling(unet, sched, N, K, s, clf),
-        "FK, every step, reward excluded": lambda s: fk_steering(unet, sched, (1, 8, 8), zero, num_particles=N, lam=1.0,
-                                                                 num_inference_steps=K, ess_threshold=1.0, seed=s),
-        "FK, every step, reward included": lambda s: fk_steering(unet, sched, (1, 8, 8), clf, num_particles=N, lam=1.0,
-                                                                 num_inference_steps=K, ess_threshold=1.0, seed=s),
-        "FK schedule 5..30/5, reward excluded": lambda s: fk_steering(unet, sched, (1, 8, 8), zero, num_particles=N,
-                                                                      lam=1.0, num_inference_steps=K, resample_every=5,
-                                                                      t_start=5, t_end=30, seed=s),
-        "FK schedule 5..30/5, reward included": lambda s: fk_steering(unet, sched, (1, 8, 8), clf, num_particles=N,
-                                                                      lam=1.0, num_inference_steps=K, resample_every=5,
-                                                                      t_start=5, t_end=30, seed=s),
+        "FK, every step, reward excluded": fk(zero, **every),
+        "FK, every step, reward included": fk(clf, **every),
+        "FK schedule 5..30/5, reward excluded": fk(zero, **schedule),
+        "FK schedule 5..30/5, reward included": fk(clf, **schedule),
+        "plain, zero-cost denoiser": lambda s: plain_sampling(null, sched, N, K, s),
+        "FK, every step, zero-cost denoiser and reward": fk(
+            zero, DiffusionModel(null, sched, (1, 8, 8), num_inference_steps=K), **every),
     }
-    null = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    runs["plain, zero-cost denoiser"] = lambda s: plain_sampling(null, sched, N, K, s)
-    runs["FK, every step, zero-cost denoiser and reward"] = lambda s: fk_steering(
-        null, sched, (1, 8, 8), zero, num_particles=N, lam=1.0, num_inference_steps=K, ess_threshold=1.0, seed=s)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for name, f in runs.items():  # warm-up
         f(0)
@@ -117,53 +119,52 @@ def overhead(N: int, K: int, repeats: int) -> None:
           f"the UNet step costs {1e3 * base / K:.2f} ms.")
 
 
-def fk_reference_adaptive(model: DiffusionModel, N: int, rng: np.random.Generator) -> np.ndarray:
+def fk_reference_adaptive(fk: Tilted, N: int, rng: np.random.Generator) -> np.ndarray:
     """FK-Diffusion-Steering's adaptive mode as its code runs it (open issue #12): at each step
     resample by this step's potential alone if its ESS < N/2, otherwise keep the particles and
     *drop* the weights; the output is unweighted. Returns the final samples."""
-    state = model.M0(N, rng)
-    for t in range(1, model.T + 1):
-        lw = state.log_potential
+    state = fk.M0(N, rng)
+    for t in range(1, fk.T + 1):
+        lw = state.logG
         if ess(lw) < 0.5 * N:
             state = take(state, get_scheme("multinomial")(rng, normalise(lw)))
-        if t < model.T:
-            state = model.M(t, state, rng)
+        if t < fk.T:
+            state = fk.M(t, state, rng)
     return state.x.numpy()
 
 
-def shape_bias(Ns: list[int], K: int, replicates: int) -> None:
+def shape_bias(Ns: list[int], K: int, replicates: int, base_samples: int = 100_000) -> None:
     from diffusers import DDPMScheduler
 
     gmm = GaussianMixture.isotropic([0.5, 0.5], [[-1.5], [1.5]], std=0.5)
     sched, reward, lam = DDPMScheduler(clip_sample=False), LinearReward([1.0]), 0.578
     exact = gmm.tilt(reward, lam)[0].weights[1]
-    base = pps.smc(DiffusionModel(gmm.denoiser(sched), sched, (1,), num_inference_steps=K, lam=0.0, dtype=torch.float64),
-                   100_000, ess_threshold=0.0, seed=123).particles.x.numpy()
+    model = DiffusionModel(gmm.denoiser(sched), sched, (1,), num_inference_steps=K, dtype=torch.float64)
+    base = pps.smc(model, base_samples, ess_threshold=0.0, seed=123).particles.x.numpy()
     u = np.exp(lam * base[:, 0])
     ref = float(u @ gmm.responsibilities(base)[:, 1] / u.sum())
     schedules = {"reward every step, ESS < N/2": {"ess_threshold": 0.5},
                  f"FK sparse: resample every 10 of {K}, reward there": {"resample_every": 10, "t_start": 10}}
     print(f"\n### Right-mode weight of the steered population (exact data tilt {exact:.3f}, "
-          f"sampler's own tilt {ref:.3f}); mean ± s.e. over {replicates} runs, K={K} DDPM steps\n")
+          f"sampler's own tilt {ref:.3f}, {base_samples} base samples); mean ± s.e. over {replicates} runs, "
+          f"K={K} DDPM steps\n")
     print("| schedule | N | difference | max | sum | last |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for sname, kw in schedules.items():
         for N in Ns:
             cells = []
-            for potential in ("difference", "max", "sum", "last"):
+            for shape in ("difference", "max", "sum", "last"):
                 est = []
                 for r in range(replicates):
-                    o = fk_steering(gmm.denoiser(sched), sched, (1,), reward, num_particles=N, lam=lam, potential=potential,
-                                    num_inference_steps=K, dtype=torch.float64, seed=r, **kw)
-                    est.append(float(o.weights @ gmm.responsibilities(o.samples.numpy())[:, 1]))
+                    o = fk_steering(model, N, potential=reward, lam=lam, shape=shape, seed=r, **kw)
+                    est.append(float(o.weights @ gmm.responsibilities(o.particles.x.numpy())[:, 1]))
                 cells.append(f"{np.mean(est):.3f} ± {np.std(est, ddof=1) / np.sqrt(replicates):.3f}")
             print(f"| {sname} | {N} | " + " | ".join(cells) + " |")
     print("\n| FK-Diffusion-Steering's adaptive mode (weights dropped when ESS >= N/2), difference | N | right-mode weight |")
     print("| --- | ---: | ---: |")
+    fk = Tilted(model, reward, lam=lam)
     for N in Ns:
-        model = DiffusionModel(gmm.denoiser(sched), sched, (1,), reward=reward, lam=lam, num_inference_steps=K,
-                               dtype=torch.float64)
-        est = [float(gmm.responsibilities(fk_reference_adaptive(model, N, np.random.default_rng(r)))[:, 1].mean())
+        est = [float(gmm.responsibilities(fk_reference_adaptive(fk, N, np.random.default_rng(r)))[:, 1].mean())
                for r in range(replicates)]
         print(f"| reference scheme, reward every step | {N} | {np.mean(est):.3f} ± {np.std(est, ddof=1) / np.sqrt(replicates):.3f} |")
 
@@ -176,12 +177,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--replicates", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, meaningless numbers")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.particles, args.steps, args.repeats, args.replicates = 4, 10, 1, 2
     if args.part in ("overhead", "all"):
         overhead(args.particles, args.steps, args.repeats)
     if args.part in ("bias", "all"):
-        shape_bias([64, 256, 1024], 50, args.replicates)
+        if args.quick:
+            shape_bias([16], 10, args.replicates, base_samples=2000)
+        else:
+            shape_bias([64, 256, 1024], 50, args.replicates)
 
 
 if __name__ == "__main__":

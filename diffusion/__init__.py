@@ -1,20 +1,22 @@
-"""Feynman-Kac steering of diffusion models (Singhal et al. 2025) and its baselines.
+"""Diffusion models as dynamics, steered by potentials (FK steering, Singhal et al. 2025).
 
-- ``DiffusionModel``: a reverse diffusion as an FK model (state x_t, one stochastic
-  reverse step per SMC step, potentials from rewards of x0 predictions), for
-  ``ppl_scaling.smc``; ``fk_steering`` wraps it; ``fk_schedule`` builds FK's sparse
-  resampling schedules.
-- ``baselines``: best-of-N, importance sampling, SVDD, noise search.
+- ``DiffusionModel`` (``model``): a stochastic reverse diffusion as ``ppl_scaling.fk.Dynamics``
+  (state x_t, one reverse step per FK step, ``view`` = decoded x0 predictions / samples);
+  ``ppl_scaling.Tilted`` steers it by a reward. Methods (FK steering, SVDD, noise search,
+  best-of-N) live in ``ppl_scaling.samplers``.
+- ``process``: the diffusers scheduler adapter (``ReverseProcess``); ``schedules``: FK's sparse
+  resampling schedules (``fk_schedule``, ``potential_steps``).
 - ``rewards``: classifier, JPEG compressibility, brightness, lazy CLIP / aesthetic loaders.
 - ``gmm``: an analytic Gaussian-mixture diffusion with closed-form tilted targets.
 - ``pipelines`` (import explicitly): steering a diffusers Stable Diffusion pipeline.
-- ``toy`` / ``text``: the bundled digits DDPM and the masked text diffusion model.
+- ``toy`` / ``masked``: the bundled digits DDPM and the masked text diffusion model.
 """
-from . import baselines, rewards
+from . import rewards
 from .gmm import GaussianMixture, LinearReward, QuadraticReward
-from .model import DiffusionModel, DiffusionState, fk_schedule, potential_steps
-from .steering import SamplingResult, fk_steering
-from .text import MaskedDiffusionModel
+from .masked import MaskedDiffusionModel
+from .model import DiffusionModel, DiffusionState, soft_value
+from .process import ReverseProcess
+from .schedules import fk_schedule, potential_steps
 
-__all__ = ["DiffusionModel", "DiffusionState", "fk_schedule", "potential_steps", "fk_steering", "SamplingResult",
-           "MaskedDiffusionModel", "GaussianMixture", "LinearReward", "QuadraticReward", "baselines", "rewards"]
+__all__ = ["DiffusionModel", "DiffusionState", "ReverseProcess", "fk_schedule", "potential_steps", "soft_value",
+           "MaskedDiffusionModel", "GaussianMixture", "LinearReward", "QuadraticReward", "rewards"]

@@ -19,33 +19,37 @@ architecture), so a method that fools the reward classifier does not score. Writ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ppl_scaling.samplers.best_of_n import best_of_n
+from ppl_scaling.samplers.fk_steering import fk_steering
+from ppl_scaling.samplers.noise_search import zero_order_search
+
 from . import toy
-from .baselines import best_of_n, zero_order_search
-from .steering import fk_steering
 
 METHODS = ("base", "fk_steering", "best_of_n", "zero_order")
 
 
-def _one_run(method: str, unet, scheduler, reward, N: int, K: int, lam: float,
+def _one_run(method: str, unet: Any, scheduler: Any, reward: Any, N: int, K: int, lam: float,
              rng: np.random.Generator) -> torch.Tensor:
     """The single sample a method returns from one run with budget N * K NFEs."""
     if method == "base":
         return toy.sample_digits(1, num_inference_steps=K, rng=rng, unet=unet, scheduler=scheduler)
     if method == "fk_steering":
-        out = fk_steering(unet, scheduler, toy.SAMPLE_SHAPE, reward, num_particles=N, lam=lam,
-                          num_inference_steps=K, rng=rng)
-        return out.samples[rng.choice(N, p=out.weights)][None]
+        out = fk_steering(toy.digits_model(K, unet=unet, scheduler=scheduler), N, potential=reward, lam=lam, rng=rng)
+        return out.particles.x[rng.choice(N, p=out.weights)][None]
     if method == "best_of_n":
-        return best_of_n(unet, scheduler, toy.SAMPLE_SHAPE, reward, n=N, num_inference_steps=K, rng=rng).top[None]
-    from diffusers import DDIMScheduler
+        out = best_of_n(toy.digits_model(K, unet=unet, scheduler=scheduler), N, potential=reward, rng=rng)
+    else:
+        from diffusers import DDIMScheduler
 
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    return zero_order_search(unet, ddim, toy.SAMPLE_SHAPE, reward, num_candidates=2, rounds=(N - 1) // 2,
-                             num_inference_steps=K, eta=0.0, rng=rng).top[None]
+        ddim = toy.digits_model(K, unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), eta=0.0,
+                                allow_deterministic=True)
+        out = zero_order_search(ddim, 2, potential=reward, rounds=(N - 1) // 2, rng=rng)
+    return out.particles.x[int(np.argmax(out.log_weights))][None]
 
 
 def run_image_demo(out_dir: str | Path, *, quick: bool = True, target: int = 4, lam: float = 1.0,

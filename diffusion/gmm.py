@@ -22,7 +22,7 @@ with π_k' ∝ π_k c_k and log E_p[exp(lam r)] = log Σ_k π_k c_k.
 
     gmm = GaussianMixture.isotropic([0.5, 0.5], [[-1.5], [1.5]], std=0.5)
     target, log_Z = gmm.tilt(LinearReward([1.0]), lam=0.6)
-    model = DiffusionModel(gmm.denoiser(sched), sched, (1,), reward=LinearReward([1.0]), lam=0.6)
+    fk = Tilted(DiffusionModel(gmm.denoiser(sched), sched, (1,)), LinearReward([1.0]), lam=0.6)
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Reward functions for diffusion steering: a batch of decoded samples -> (N,) floats.
+"""Reward functions for diffusion steering: a batch of decoded samples -> (N,) log-values.
+
+Each is a plain function of a batch; the methods coerce it to a ``Potential``
+(``ppl_scaling.as_potential``), so rewards combine with the potential algebra
+(products, tempering) and Pyro potentials.
 
 Built-in, weight-free or user-model based:
 

@@ -7,7 +7,7 @@ compared on a real (trained, imperfect) diffusion model with a real reward:
     reward = digit_reward(3)                    # x0 (B, 1, 8, 8) in [-1, 1] -> log p(y=3 | x0)
     judge = load_eval_classifier()              # held-out classifier, for evaluation only
     images = sample_digits(64, rng=np.random.default_rng(0))
-    out = steer_digits(3, num_particles=8, seed=0)   # FK steering toward 3: out.samples, out.weights
+    out = steer_digits(3, num_particles=8, seed=0)   # FK steering toward 3: out.particles.x, out.weights
 
 The weights in ``diffusion/assets/`` are trained by ``scripts/train_toy_diffusion.py``
 (``make toy-models``):
@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
-from ppl_scaling.rng import torch_generator
+from ppl_scaling.result import SMCResult
+from ppl_scaling.samplers.fk_steering import fk_steering
+
+from .model import DiffusionModel
+from .rewards import ClassifierReward
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DDPM_DIR = ASSETS / "digits_ddpm"
@@ -84,7 +90,7 @@ def _missing(path: Path) -> FileNotFoundError:
                              "(scripts/train_toy_diffusion.py)")
 
 
-def load_digits_ddpm(path: str | Path = DDPM_DIR):
+def load_digits_ddpm(path: str | Path = DDPM_DIR) -> tuple[Any, Any]:
     """The bundled digits DDPM: ``(UNet2DModel, DDPMScheduler)``, in eval mode."""
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -128,11 +134,9 @@ def _check_class(target_class: int) -> int:
     return int(target_class)
 
 
-def digit_reward(target_class: int, classifier: nn.Module | None = None):
+def digit_reward(target_class: int, classifier: nn.Module | None = None) -> ClassifierReward:
     """Reward r(x0) = log p(y = target_class | x0) under ``classifier`` (default: the
     bundled reward classifier). Batched: x0 (B, 1, 8, 8) in [-1, 1] -> (B,) float."""
-    from .rewards import ClassifierReward
-
     clf = load_reward_classifier() if classifier is None else classifier
     return ClassifierReward(clf, _check_class(target_class))
 
@@ -144,30 +148,30 @@ def classify(images: torch.Tensor, classifier: nn.Module | None = None) -> torch
         return torch.softmax(clf(images.float()), dim=-1)
 
 
-def sample_digits(n: int, *, num_inference_steps: int = 50, rng: np.random.Generator,
-                  unet=None, scheduler=None) -> torch.Tensor:
-    """``n`` unsteered DDPM samples (n, 1, 8, 8) in [-1, 1]: the plain ancestral sampler."""
-    from .model import ReverseProcess
-
+def digits_model(num_inference_steps: int = 50, *, unet: Any = None, scheduler: Any = None,
+                 **options: Any) -> DiffusionModel:
+    """The bundled DDPM's reverse process as a ``DiffusionModel`` (``options`` go to it)."""
     if unet is None or scheduler is None:
         unet, scheduler = load_digits_ddpm()
-    process = ReverseProcess(unet, scheduler, SAMPLE_SHAPE, num_inference_steps=num_inference_steps)
-    x = process.run(process.noise(n, torch_generator(rng)), 0, process.K, rng)
-    return x.clamp(-1.0, 1.0)
+    return DiffusionModel(unet, scheduler, SAMPLE_SHAPE, num_inference_steps=num_inference_steps, **options)
+
+
+def sample_digits(n: int, *, num_inference_steps: int = 50, rng: np.random.Generator,
+                  unet: Any = None, scheduler: Any = None) -> torch.Tensor:
+    """``n`` unsteered DDPM samples (n, 1, 8, 8) in [-1, 1]: the plain ancestral sampler."""
+    model = digits_model(num_inference_steps, unet=unet, scheduler=scheduler)
+    return model.sample(n, rng).clamp(-1.0, 1.0)
 
 
 def steer_digits(target_class: int, num_particles: int, *, lam: float = 1.0, num_inference_steps: int = 25,
-                 unet=None, scheduler=None, reward=None, **kwargs):
+                 unet: Any = None, scheduler: Any = None, reward: Any = None, **kwargs: Any) -> SMCResult:
     """FK steering of the bundled DDPM toward ``target_class`` in one call: ``fk_steering`` with
-    r = ``digit_reward(target_class)``; ``kwargs`` go to ``fk_steering`` (seed, rng, potential,
+    r = ``digit_reward(target_class)``; ``kwargs`` go to ``fk_steering`` (seed, rng, shape,
     resample_every, ...). With lam = 1 and a calibrated classifier the target
-    p(x) p(y = c | x) is the class-conditional p(x | y = c)."""
-    from .steering import fk_steering
-
-    if unet is None or scheduler is None:
-        unet, scheduler = load_digits_ddpm()
-    return fk_steering(unet, scheduler, SAMPLE_SHAPE, digit_reward(target_class) if reward is None else reward,
-                       num_particles=num_particles, lam=lam, num_inference_steps=num_inference_steps, **kwargs)
+    p(x) p(y = c | x) is the class-conditional p(x | y = c). Samples: ``result.particles.x``."""
+    model = digits_model(num_inference_steps, unet=unet, scheduler=scheduler)
+    return fk_steering(model, num_particles, potential=digit_reward(target_class) if reward is None else reward,
+                       lam=lam, **kwargs)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:

@@ -13,24 +13,34 @@ samples / beams (N generations' worth of work).
     importance.py            importance_sampling (any FK model)
     particle_gibbs.py        particle_gibbs (PF-paper preset pg_paper; conditional SMC)
     parallel_tempering.py    parallel_tempering (PF-paper preset pt_paper)
+    fk_steering.py           fk_steering (particle filtering of diffusion with FK's schedules)
+    svdd.py                  svdd (soft value-based decoding: per-group selection)
+    noise_search.py          random_search, zero_order_search, search_over_paths
 """
 from . import beam as _beam
 from . import best_of_n as _best_of_n
+from . import fk_steering as _fk_steering
+from . import noise_search as _noise_search
+from . import svdd as _svdd
 from . import importance as _importance
 from . import parallel_tempering as _parallel_tempering
 from . import particle_filtering as _particle_filtering
 from . import particle_gibbs as _particle_gibbs
 from .beam import beam_search, dvts
 from .best_of_n import best_of_n, self_consistency, weighted_best_of_n
+from .fk_steering import fk_steering
 from .importance import importance_sampling
+from .noise_search import random_search, search_over_paths, zero_order_search
 from .parallel_tempering import TemperedFK, parallel_tempering, path_log_potential, pt_paper
 from .particle_filtering import paper_tilt, particle_filtering, pf_paper
 from .particle_gibbs import ConditionalSMC, draw_trajectory, particle_gibbs, pg_paper, stack_paths
+from .svdd import svdd
 
 METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS, **_importance.METHODS,
-           **_particle_gibbs.METHODS, **_parallel_tempering.METHODS}
+           **_particle_gibbs.METHODS, **_parallel_tempering.METHODS, **_fk_steering.METHODS, **_svdd.METHODS,
+           **_noise_search.METHODS}
 
 __all__ = ["METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
            "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "pg_paper",
            "ConditionalSMC", "draw_trajectory", "stack_paths", "parallel_tempering", "pt_paper", "TemperedFK",
-           "path_log_potential"]
+           "path_log_potential", "fk_steering", "svdd", "random_search", "zero_order_search", "search_over_paths"]

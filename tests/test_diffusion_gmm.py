@@ -3,19 +3,22 @@
 References. ``GaussianMixture.tilt`` gives the tilted *data* mixture in closed form.
 The sampler (DDPM, K steps, exact denoiser) does not reproduce the data mixture
 exactly (discretisation narrows the modes), so steering is compared with the tilt
-of the sampler's *own* output: a large lam = 0 sample reweighted by exp(lam r),
+of the sampler's *own* output: a large base sample reweighted by exp(lam r),
 an unbiased reference whose Monte Carlo error enters every tolerance.
 Tolerances are 4.5 combined standard errors (fixed seeds).
 """
 import numpy as np
+import pyro
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import ppl_scaling as pps
+from ppl_scaling import PyroPotential, Tilted, as_potential
 from ppl_scaling.diffusion.gmm import GaussianMixture, LinearReward, QuadraticReward
-from ppl_scaling.diffusion.model import DiffusionModel, ReverseProcess
-from ppl_scaling.diffusion.steering import fk_steering
+from ppl_scaling.diffusion.model import DiffusionModel
+from ppl_scaling.diffusion.process import ReverseProcess
+from ppl_scaling.samplers.fk_steering import fk_steering
 
 K = 50
 LAM = 0.578  # right-mode weight of the tilted data mixture: 0.85
@@ -25,9 +28,10 @@ SCHED = DDPMScheduler(clip_sample=False)
 Z_SIGMAS = 4.5
 
 
-def model(**kw):
+def model(gmm=GMM, sched=SCHED, **kw):
+    """The exact-denoiser diffusion of ``gmm`` on ``sched`` (K steps, float64)."""
     kw.setdefault("num_inference_steps", K)
-    return DiffusionModel(GMM.denoiser(SCHED), SCHED, (1,), reward=REWARD, dtype=torch.float64, **kw)
+    return DiffusionModel(gmm.denoiser(sched), sched, (gmm.dim,), dtype=torch.float64, **kw)
 
 
 def right_mass(x, W=None):
@@ -38,7 +42,7 @@ def right_mass(x, W=None):
 @pytest.fixture(scope="module")
 def reference():
     """Tilt of the sampler's own distribution: 40k base samples reweighted by exp(lam x)."""
-    res = pps.smc(model(lam=0.0), 40_000, ess_threshold=0.0, seed=123)
+    res = pps.smc(model(), 40_000, ess_threshold=0.0, seed=123)
     x = res.particles.x.numpy()[:, 0]
     u = np.exp(LAM * x)
     Z, Z_se = u.mean(), u.std() / np.sqrt(len(u))
@@ -106,15 +110,15 @@ def test_closed_form_tilts():
         assert abs(pm - tilted.weights[1]) < 5 * np.sqrt(W**2 @ (post - pm) ** 2)
 
 
-def _replicates(R, **kw):
-    return [fk_steering(GMM.denoiser(SCHED), SCHED, (1,), REWARD, num_inference_steps=K, dtype=torch.float64,
-                        seed=1000 + r, **kw) for r in range(R)]
+def _replicates(R, num_particles=128, potential=REWARD, model_options=None, **kw):
+    return [fk_steering(model(**(model_options or {})), num_particles, potential=potential, seed=1000 + r, **kw)
+            for r in range(R)]
 
 
 def _check_against_reference(runs, ref):
-    right = np.array([right_mass(o.samples.numpy(), o.weights) for o in runs])
-    mean = np.array([np.sum(o.weights * o.samples.numpy()[:, 0]) for o in runs])
-    Z = np.array([np.exp(o.smc.log_evidence) for o in runs])
+    right = np.array([right_mass(o.particles.x.numpy(), o.weights) for o in runs])
+    mean = np.array([np.sum(o.weights * o.particles.x.numpy()[:, 0]) for o in runs])
+    Z = np.array([np.exp(o.log_evidence) for o in runs])
     R = len(runs)
     for name, est, (ref_m, ref_se) in [("right", right, ref["right"]), ("mean", mean, ref["mean"]),
                                        ("Z", Z, (ref["Z"], ref["Z_se"]))]:
@@ -124,8 +128,8 @@ def _check_against_reference(runs, ref):
 
 def test_difference_resampling_every_step_matches_tilt(reference):
     """Resampling at every step: weights, moments and evidence (Z_hat unbiased) of the tilted target."""
-    runs = _replicates(24, num_particles=128, lam=LAM, ess_threshold=1.0)
-    assert all(o.smc.resampled[1:].all() for o in runs)
+    runs = _replicates(24, lam=LAM, ess_threshold=1.0)
+    assert all(o.resampled[1:].all() for o in runs)
     _check_against_reference(runs, reference)
     exact, _ = GMM.tilt(REWARD, LAM)  # the data tilt: right-mode weight 0.85 (the sampler's tilt is close)
     assert abs(reference["right"][0] - exact.weights[1]) < 0.02
@@ -133,67 +137,75 @@ def test_difference_resampling_every_step_matches_tilt(reference):
 
 def test_difference_fk_schedule_and_many_sample_match_tilt(reference):
     """FK's sparse schedule (reward only at resampling steps) and the many-sample reward stay exact."""
-    _check_against_reference(_replicates(16, num_particles=128, lam=LAM, resample_every=5, t_start=5, t_end=40),
-                             reference)
-    _check_against_reference(_replicates(12, num_particles=64, lam=LAM, intermediate="many", num_x0_samples=4,
-                                         ess_threshold=1.0), reference)
+    _check_against_reference(_replicates(16, lam=LAM, resample_every=5, t_start=5, t_end=40), reference)
+    _check_against_reference(_replicates(12, 64, lam=LAM, ess_threshold=1.0,
+                                         model_options={"intermediate": "many", "num_x0_samples": 4}), reference)
 
 
-@pytest.mark.parametrize("potential", ["difference", "max", "sum", "last"])
-def test_lam_zero_is_the_base_sampler(potential, reference):
-    res = pps.smc(model(lam=0.0, potential=potential), 2000, seed=7)
+def _pyro_reward(xs):
+    pyro.factor("r", xs[:, 0])
+
+
+@pytest.mark.parametrize("potential, lam", [
+    ((as_potential(LinearReward([0.5])) * as_potential(LinearReward([1.5]))) ** (LAM / 2), 1.0),
+    (PyroPotential(_pyro_reward), LAM),
+], ids=["product_tempered", "pyro"])
+def test_potential_algebra_steers_to_the_tilt(potential, lam, reference):
+    """A tempered product of potentials, (phi_1 phi_2) ** (LAM / 2) with log phi_1 phi_2 = 2x, and a
+    Pyro factor both have log-value LAM x at lam = 1, resp. x at lam = LAM: the same exact target."""
+    _check_against_reference(_replicates(12, potential=potential, lam=lam, ess_threshold=1.0), reference)
+
+
+@pytest.mark.parametrize("shape", ["difference", "max", "sum", "last"])
+def test_lam_zero_is_the_base_sampler(shape, reference):
+    """lam = 0 keeps the support only: zero weights, no resampling, the base sampler's draws bit for bit."""
+    res = pps.smc(Tilted(model(), REWARD, shape=shape, lam=0.0), 2000, seed=7)
     assert np.all(res.log_weights == 0.0) and not res.resampled.any()
+    assert torch.equal(res.particles.x, pps.smc(model(), 2000, seed=7).particles.x)
     p, se = right_mass(res.particles.x.numpy()), 0.5 / np.sqrt(2000)
     assert abs(p - reference["base_right"][0]) < Z_SIGMAS * np.hypot(se, reference["base_right"][1])
     assert abs(res.log_evidence) < 1e-12
 
 
+def test_shape_bias_at_finite_n(reference):
+    """max / sum / last over-tilt the intermediate targets; at N = 128 (reward every step,
+    ESS < N/2) the terminal correction cannot restore the left mode, whose weight they lose far
+    beyond the Monte Carlo error (measured: right-mode weight 0.99-1.0 against 0.85; s.e. of a run
+    about 0.01). difference is exact at every N (tested to 4.5 s.e. above)."""
+    ref = reference["right"][0]
+    for shape in ("difference", "max", "sum", "last"):
+        runs = _replicates(4, lam=LAM, shape=shape, ess_threshold=0.5)
+        est = np.mean([right_mass(o.particles.x.numpy(), o.weights) for o in runs])
+        assert (abs(est - ref) < 0.05) if shape == "difference" else (est > ref + 0.1), (shape, est, ref)
+
+
 def test_ddim_eta_one_matches_tilt():
     """DDIM with eta = 1 as the proposal: the tilted mode weight (its own reference, smaller)."""
     sched = DDIMScheduler(clip_sample=False)
-    base = pps.smc(DiffusionModel(GMM.denoiser(sched), sched, (1,), lam=0.0, num_inference_steps=K,
-                                  dtype=torch.float64), 20_000, ess_threshold=0.0, seed=5)
-    x = base.particles.x.numpy()
+    x = pps.smc(model(sched=sched), 20_000, ess_threshold=0.0, seed=5).particles.x.numpy()
     u = np.exp(LAM * x[:, 0])
     W = u / u.sum()
     p = GMM.responsibilities(x)[:, 1]
     ref, ref_se = W @ p, np.sqrt(W**2 @ (p - W @ p) ** 2)
-    runs = [fk_steering(GMM.denoiser(sched), sched, (1,), REWARD, num_particles=128, lam=LAM, num_inference_steps=K,
-                        dtype=torch.float64, seed=s) for s in range(12)]
-    est = np.array([right_mass(o.samples.numpy(), o.weights) for o in runs])
+    runs = [fk_steering(model(sched=sched), 128, potential=REWARD, lam=LAM, seed=s) for s in range(12)]
+    est = np.array([right_mass(o.particles.x.numpy(), o.weights) for o in runs])
     assert abs(est.mean() - ref) < Z_SIGMAS * np.sqrt(est.var(ddof=1) / len(est) + ref_se**2)
-
-
-def test_shape_bias_is_recorded(reference, capsys):
-    """max / sum / last are only asymptotically exact: print (not assert) their right-mode weight."""
-    rows = []
-    for potential in ("difference", "max", "sum", "last"):
-        runs = _replicates(4, num_particles=128, lam=LAM, potential=potential, ess_threshold=0.5)
-        est = [right_mass(o.samples.numpy(), o.weights) for o in runs]
-        rows.append((potential, float(np.mean(est))))
-        assert np.all(np.isfinite(est))
-    with capsys.disabled():
-        print(f"\nright-mode weight, N=128, reward every step, ESS<0.5 (reference {reference['right'][0]:.3f}): "
-              + ", ".join(f"{p} {m:.3f}" for p, m in rows))
 
 
 def test_quadratic_reward_in_2d_matches_tilt():
     """2-D, three components, quadratic reward, adaptive resampling: component weights and mean."""
     gmm = GaussianMixture.isotropic([0.3, 0.3, 0.4], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], std=0.6)
     reward, lam = QuadraticReward([1.0, 1.0], [[1.0, 0.0], [0.0, 1.0]]), 2.0
-    den = gmm.denoiser(SCHED)
-    base = pps.smc(DiffusionModel(den, SCHED, (2,), lam=0.0, num_inference_steps=K, dtype=torch.float64),
-                   20_000, ess_threshold=0.0, seed=9).particles.x.numpy()
+    base = pps.smc(model(gmm), 20_000, ess_threshold=0.0, seed=9).particles.x.numpy()
     u = np.exp(lam * reward(torch.as_tensor(base)).numpy())
     W = u / u.sum()
     feats = lambda x: np.concatenate([gmm.responsibilities(x), x], axis=1)  # noqa: E731
     fb = feats(base)
     ref = W @ fb
     ref_se = np.sqrt(W**2 @ (fb - ref) ** 2)
-    runs = [fk_steering(den, SCHED, (2,), reward, num_particles=128, lam=lam, num_inference_steps=K,
-                        dtype=torch.float64, seed=s) for s in range(12)]
-    assert sum(o.smc.resampled.sum() for o in runs) > 0
-    est = np.array([o.weights @ feats(o.samples.numpy()) for o in runs])
+    runs = [fk_steering(model(gmm), 128, potential=reward, lam=lam, seed=s) for s in range(12)]
+    assert sum(o.resampled.sum() for o in runs) > 0
+    est = np.array([o.weights @ feats(o.particles.x.numpy()) for o in runs])
     se = np.sqrt(est.var(axis=0, ddof=1) / len(runs) + ref_se**2)
     assert np.all(np.abs(est.mean(axis=0) - ref) < Z_SIGMAS * se), (est.mean(axis=0), ref, se)
     exact, _ = gmm.tilt(reward, lam)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from ppl_scaling.diffusion.pipelines import steer_stable_diffusion, stochastic_scheduler, tiny_random_pipeline
+from diffusion_fixtures import tiny_random_pipeline
+from ppl_scaling.diffusion.pipelines import steer_stable_diffusion, stochastic_scheduler
 from ppl_scaling.diffusion.rewards import brightness
 
 
@@ -22,20 +23,20 @@ def test_shapes_rewards_and_compute(pipe):
 
     out = steer_stable_diffusion(pipe, "a red cat", reward, num_particles=3, lam=20.0, num_inference_steps=4,
                                  guidance_scale=3.0, ess_threshold=1.0, seed=0)
-    assert out.samples.shape == (3, 3, 16, 16) and out.info["latents"].shape == (3, 4, 8, 8)
+    assert out.info["images"].shape == (3, 3, 16, 16) and out.particles.x.shape == (3, 4, 8, 8)
     assert all(im.shape == (3, 3, 16, 16) and im.min() >= 0 and im.max() <= 1 for im in seen)
-    assert out.compute["nfe"] == 3 * 4 and out.compute["reward_evals"] == 3 * 5
-    np.testing.assert_allclose(out.rewards, brightness(out.samples).numpy(), rtol=1e-5)
-    assert out.smc.resampled[1:].all()
+    assert out.ledger.nfe == 3 * 4 and out.ledger.reward_calls == 3 * 5
+    np.testing.assert_allclose(out.rewards, brightness(out.info["images"]).numpy(), rtol=1e-5)
+    assert out.resampled[1:].all()
 
 
 def test_determinism_per_seed(pipe):
     kw = dict(num_particles=2, lam=5.0, num_inference_steps=3, guidance_scale=2.0, seed=11)
     a = steer_stable_diffusion(pipe, "a cat", brightness, **kw)
     b = steer_stable_diffusion(pipe, "a cat", brightness, **kw)
-    assert torch.equal(a.samples, b.samples) and np.array_equal(a.log_weights, b.log_weights)
+    assert torch.equal(a.info["images"], b.info["images"]) and np.array_equal(a.log_weights, b.log_weights)
     c = steer_stable_diffusion(pipe, "a cat", brightness, **{**kw, "seed": 12})
-    assert not torch.equal(a.info["latents"], c.info["latents"])
+    assert not torch.equal(a.particles.x, c.particles.x)
 
 
 def test_latents_and_conditioning_resampled_together(pipe):
@@ -56,20 +57,20 @@ def test_latents_and_conditioning_resampled_together(pipe):
                                      guidance_scale=1.0, ess_threshold=1.0, seed=0, store_history=True)
     finally:
         del unet.forward
-    first = out.smc.history[0].cond["prompt_embeds"]
+    first = out.history[0].cond["prompt_embeds"]
     assert torch.unique(first.flatten(1), dim=0).shape[0] == 4  # four distinct prompts
-    origin = out.smc.lineage()[0]
+    origin = out.lineage()[0]
     assert len(set(origin.tolist())) < 4  # selection happened
-    torch.testing.assert_close(out.smc.particles.cond["prompt_embeds"], first[origin])
+    torch.testing.assert_close(out.particles.cond["prompt_embeds"], first[origin])
     for t, emb in enumerate(calls):  # the UNet call at level t used the conditioning of the state at step t
-        torch.testing.assert_close(emb, out.smc.history[t].cond["prompt_embeds"])
+        torch.testing.assert_close(emb, out.history[t].cond["prompt_embeds"])
 
 
 def test_scheduler_adapter_and_no_guidance(pipe):
     assert isinstance(stochastic_scheduler(PNDMScheduler()), DDIMScheduler)
     out = steer_stable_diffusion(pipe, "a cat", brightness, num_particles=2, num_inference_steps=2,
                                  guidance_scale=1.0, seed=0)
-    assert out.samples.shape == (2, 3, 16, 16)
+    assert out.info["images"].shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="one prompt or one per particle"):
         steer_stable_diffusion(pipe, ["a", "b"], brightness, num_particles=3, num_inference_steps=2, seed=0)
 

@@ -58,9 +58,9 @@ def test_fk_steering_raises_heldout_accuracy(ddpm, judge):
     for _ in range(runs):
         out = toy.steer_digits(target, N, lam=1.0, num_inference_steps=STEPS, unet=unet, scheduler=scheduler,
                                reward=reward, rng=rng)
-        draw = out.samples[rng.choice(N, p=out.weights)][None]
+        draw = out.particles.x[rng.choice(N, p=out.weights)][None]
         hits += int(toy.classify(draw, judge).argmax(-1)[0] == target)
-        assert out.compute["nfe"] == N * STEPS
+        assert out.ledger.nfe == N * STEPS
     p_fk = hits / runs
     se = math.hypot(math.sqrt(max(p_base * (1 - p_base), 0.05) / (N * runs)),
                     math.sqrt(max(p_fk * (1 - p_fk), 0.05) / runs))
