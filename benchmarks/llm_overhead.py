@@ -4,8 +4,9 @@
 
 For N particles on each problem, times (CPU, one thread):
 
-  pf          particle filtering (``smc`` on a ``StepModel``, one step = one line,
-              resampling at every step) with a cheap potential: the toy task's exact
+  pf          particle filtering (``smc`` on a ``StepModel`` tilted by the potential with
+              shape ``last``, one step = one line, resampling at every step) with a cheap
+              potential: the toy task's exact
               step checker, so the time is the engine's (sampling, resampling with
               KV-cache reordering, bookkeeping), not a reward model's
   pf+prm      the same with the bundled learned PRM (a second transformer of the LM's size)
@@ -31,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from ppl_scaling import smc
+from ppl_scaling import Tilted, smc
 from ppl_scaling.models import toy
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.rewards import ProcessRewardModel
@@ -44,8 +45,10 @@ def exact_checker(partials):
 
 
 def step_model(lm, prompt, potential):
-    return StepModel(lm, prompt, potential, step_delimiter="\n", max_steps=8, max_step_tokens=12,
-                     temperature=1.0, stop=r"A:-?\d+\n", shape="last")
+    """The toy generation, tilted by ``potential`` (shape ``last``) unless it is None."""
+    gen = StepModel(lm, prompt, step_delimiter="\n", max_steps=8, max_step_tokens=12, temperature=1.0,
+                    stop=r"A:-?\d+\n")
+    return gen if potential is None else Tilted(gen, potential, shape="last")
 
 
 def time_pf(lm, prompts, N, potential, seed):

@@ -3,8 +3,10 @@
 - ``LanguageModel`` (the small interface a custom LM implements), ``HFLanguageModel``
   (transformers, KV-cached batched steps); vLLM and OpenAI-compatible servers in
   ``vllm_backend`` / ``openai_backend`` (imported lazily).
-- ``StepModel``: stepwise generation weighted by a potential, for ``ppl_scaling.smc``
-  and every sampler.
+- ``StepModel``: stepwise generation as dynamics; a reward steers it through
+  ``ppl_scaling.Tilted`` (every sampler of ``ppl_scaling.samplers`` takes it with a potential).
+- ``harness``: a method by name on one prompt (``run_method``, ``MethodConfig``);
+  ``evaluate`` / ``report``: datasets x methods x budgets, tables and plots.
 - ``rewards``: process / outcome reward models, verifiers, LLM judges as potentials.
 - ``answers``: answer extraction and math equivalence.
 - ``toy``: the bundled arithmetic task, tiny LM and PRM.

@@ -11,8 +11,12 @@ and runs can be added in any order. Rows are appended through
 ``ppl_scaling.jsonl.ResultsFile`` (flushed and fsynced per row): Ctrl-C loses at most
 the run in flight and rerunning the same command skips finished runs. A row::
 
-    {"problem_id", "method", "budget", "answer", "gold", "correct", "tokens", "forward_passes",
-     "reward_calls", "wall_s", "any_correct", "num_answers", "seed", "task", "model", "prm", ...}
+    {"problem_id", "method", "budget", "answer", "gold", "correct",
+     "tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
+     "any_correct", "frac_correct", "num_answers", "difficulty", "seed", "task", "model", "prm"}
+
+with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle. Methods are
+run by ``ppl_scaling.models.harness.run_method``.
 
 Tasks: ``arithmetic`` (the bundled toy task; a JSONL dataset of toy questions works
 too) and ``math`` (a user's JSONL dataset with ``problem`` and ``answer`` per line;
@@ -32,10 +36,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ppl_scaling.jsonl import ResultsFile
+from ppl_scaling.ledger import Ledger
 
 from . import toy
 from .answers import extract_answer, is_equivalent
-from .methods import METHODS, NEEDS_PRM, MethodConfig, run_method
+from .harness import MethodConfig, needs_reward, parse_method, run_method
 
 KEY = ("problem_id", "method", "budget")
 SETTINGS = ("seed", "task", "model", "prm")  # must agree between a run and its resumption
@@ -185,10 +190,9 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
              seed: int = 0, model_name: str = "", prm_name: str = "", progress: bool = True) -> list[dict]:
     """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``."""
     methods, budgets = list(methods), [int(b) for b in budgets]
-    unknown = [m for m in methods if m.partition(":")[0] not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    needs = [m for m in methods if m.partition(":")[0] in NEEDS_PRM]
+    for m in methods:
+        parse_method(m)  # unknown names and rules raise here, before any run
+    needs = [m for m in methods if needs_reward(m)]
     if prm is None and needs:
         raise ValueError(f"methods {needs} need a reward model (--prm)")
     if not budgets or min(budgets) < 1:
@@ -208,23 +212,24 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
 
 def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
             settings: dict[str, Any]) -> dict[str, Any]:
-    """One run as a result row."""
+    """One run as a result row (its ledger as columns)."""
     rng = job_rng(settings["seed"], item.id, method, budget)
-    out = run_method(method, lm, item.prompt, prm=prm, budget=budget, rng=rng, config=task.config)
-    hits = [task.correct(a, item.answer) for a in out.answers]
-    c = out.compute
+    run = run_method(method, lm, item.prompt, prm=prm, budget=budget, rng=rng, config=task.config)
+    hits = [task.correct(a, item.answer) for a in run.answers]
     return {
         "problem_id": item.id, "method": method, "budget": budget,
-        "answer": None if out.answer is None else str(out.answer), "gold": item.answer,
-        "correct": bool(task.correct(out.answer, item.answer)),
-        "tokens": int(c.get("tokens", 0)), "forward_passes": int(c.get("forward_passes", 0)),
-        "reward_calls": int(c.get("reward_calls", 0)),
-        "reward_forward_passes": int(c.get("reward_forward_passes", 0)),
-        "wall_s": round(float(c["wall_s"]), 4),
+        "answer": None if run.answer is None else str(run.answer), "gold": item.answer,
+        "correct": bool(task.correct(run.answer, item.answer)),
+        **ledger_columns(run.ledger),
         "any_correct": bool(any(hits)), "frac_correct": float(np.mean(hits)) if hits else 0.0,
-        "num_answers": len({str(a) for a in out.answers if a is not None}),
+        "num_answers": len({str(a) for a in run.answers if a is not None}),
         "difficulty": item.difficulty, **settings,
     }
+
+
+def ledger_columns(ledger: Ledger) -> dict[str, int | float]:
+    """The ledger's counters as integers and ``wall_s`` in seconds (4 decimals)."""
+    return {k: round(float(v), 4) if k == "wall_s" else int(v) for k, v in ledger.as_dict().items()}
 
 
 def _check_settings(results: ResultsFile, settings: dict[str, Any], out: str | Path) -> None:

@@ -6,7 +6,8 @@
     plot_scaling(rows, "scaling.png")       # accuracy vs budget, accuracy vs generated tokens
 
 The standard error of an accuracy over n problems is sqrt(acc (1 - acc) / n).
-Mean tokens, reward calls and wall time are per problem.
+Mean tokens, reward calls and wall time are per problem, from the compute ledger
+columns of the rows (``tokens``, ``reward_calls``, ``wall_s``; see ``evaluate``).
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="methods x budgets on a dataset, to a resumable JSONL file")
     _add_model_args(ev)
     ev.add_argument("--methods", type=_csv(str), default=["particle_filtering", "best_of_n", "self_consistency"],
-                    help="comma-separated methods (see ppl_scaling.models.methods.METHODS)")
+                    help="comma-separated methods, each optionally name:rule (see ppl_scaling.samplers.METHODS)")
     ev.add_argument("--budgets", type=_csv(int), default=[1, 4, 16], help="comma-separated budgets N")
     ev.add_argument("--problems", type=int, default=None, help="use the first N problems (default: all)")
     ev.add_argument("--dataset", help="JSONL file with 'problem' and 'answer' per line")
@@ -123,31 +123,30 @@ def _eval(args) -> int:
 def _run(args) -> int:
     import numpy as np
 
-    from .models.methods import run_method
+    from .models.harness import MethodConfig, run_method
 
     lm, prm, _, _ = _models(args)
     if args.task == "arithmetic":
         from .models import toy
-
-        from .models.evaluate import ARITHMETIC_CONFIG as config
+        from .models.evaluate import ARITHMETIC_CONFIG
 
         start, ops = toy.parse_question(args.prompt)
         prompt = toy.Problem("prompt", str(start) + "".join(f"{o}{b}" for o, b in ops), 0).prompt
+        config = ARITHMETIC_CONFIG
     else:
         from .models.evaluate import chat_prompt
-        from .models.methods import MethodConfig as config
 
-        prompt = chat_prompt(lm, args.prompt)
-        config = config()
+        prompt, config = chat_prompt(lm, args.prompt), MethodConfig()
     if args.temperature is not None:
         config = dataclasses.replace(config, temperature=args.temperature)
-    out = run_method(args.method, lm, prompt, prm=prm, budget=args.budget,
+    run = run_method(args.method, lm, prompt, prm=prm, budget=args.budget,
                      rng=np.random.default_rng(args.seed), config=config)
-    print(f"{args.method}, budget {args.budget}: answer {out.answer}")
-    for answer, w in out.weighted_answers():
+    print(f"{args.method}, budget {args.budget}: answer {run.answer}")
+    for answer, w in run.result.weighted_answers(run.answers):
         print(f"  {w:6.3f}  {answer}")
-    c = out.compute
-    print(f"tokens {int(c.get('tokens', 0))}, reward calls {int(c.get('reward_calls', 0))}, {c['wall_s']:.2f} s")
+    spent = run.ledger
+    print(f"tokens {spent.tokens}, forward passes {spent.forward_passes}, reward calls {spent.reward_calls}, "
+          f"{spent.wall_s:.2f} s")
     return 0
 
 

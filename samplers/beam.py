@@ -13,7 +13,9 @@ at random in proportion to the weights, these keep the best paths outright
     dvts          N/M independent subtrees of M slots; at every step each subtree keeps
                   its single best candidate (greedy) and expands it M ways; a subtree
                   stops when its best candidate has finished (its M slots then hold
-                  copies of it).
+                  copies of it). A budget N that is not a multiple of M is rounded down.
+
+The width is M = min(beam_width, N): a budget smaller than the width is one beam of N.
 
 Both spend the same budget as SMC with N particles (N moves per step) and return an
 ``SMCResult`` whose ``log_weights`` are the final scores, so the answer selection of
@@ -49,19 +51,28 @@ def _search(method: str, selection: Selection, fk: Any, num_beams: int, potentia
     return algo.run(as_generator(seed, rng)).for_method(method, "argmax_weight")
 
 
+def _width(num_beams: int, beam_width: int) -> int:
+    for name, value in (("num_beams", num_beams), ("beam_width", beam_width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return min(int(beam_width), int(num_beams))
+
+
 def beam_search(fk: Any, num_beams: int, beam_width: int = 4, *, potential: Any = None, seed: int | None = None,
                 rng: np.random.Generator | None = None, store_history: bool = False,
                 progress: bool = False) -> SMCResult:
-    """Beam search with ``num_beams`` slots (N), each kept path expanded ``beam_width`` (M) ways."""
-    return _search("beam_search", Beam(beam_width), fk, num_beams, potential, seed, rng, store_history, progress)
+    """Beam search with ``num_beams`` slots (N), each kept path expanded M = min(``beam_width``, N) ways."""
+    width = _width(num_beams, beam_width)
+    return _search("beam_search", Beam(width), fk, num_beams, potential, seed, rng, store_history, progress)
 
 
 def dvts(fk: Any, num_beams: int, beam_width: int = 4, *, potential: Any = None, seed: int | None = None,
          rng: np.random.Generator | None = None, store_history: bool = False, progress: bool = False) -> SMCResult:
-    """Diverse verifier tree search: ``num_beams / beam_width`` greedy subtrees of width ``beam_width``
-    (``num_beams`` must be a multiple of ``beam_width``)."""
-    return _search("dvts", Groups(beam_width, name="DVTS"), fk, num_beams, potential, seed, rng, store_history,
-                   progress)
+    """Diverse verifier tree search: floor(N / M) greedy subtrees of width M = min(``beam_width``, N),
+    N = ``num_beams`` (N - N mod M slots are used)."""
+    width = _width(num_beams, beam_width)
+    return _search("dvts", Groups(width, name="DVTS"), fk, num_beams - num_beams % width, potential, seed, rng,
+                   store_history, progress)
 
 
 METHODS = {"beam_search": beam_search, "dvts": dvts}

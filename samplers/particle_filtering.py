@@ -5,8 +5,11 @@ The general method and the presets of the LLM literature::
     particle_filtering(model, N, potential=prm, shape="difference", lam=1.0, ess_threshold=0.5)
         Tilted(model, potential, shape, lam) run by SMC with adaptive resampling; the exact
         intermediate targets p(x_{1:t}) exp(lam r_t) with the ``difference`` shape. Answer rule:
-        weighted majority. On a diffusion model this is FK steering (``fk_steering`` adds
-        FK-Diffusion-Steering's schedules).
+        weighted majority. The potential is used as it is: a PRM read as log p (its default
+        transform, ``prm.configured(transform="log")``; ``ppl_scaling.models.harness`` passes
+        it so) gives the target p_LM(x) p(x)^lam — METHODS["particle_filtering_adaptive"].
+        On a diffusion model this is FK steering (``fk_steering`` adds FK-Diffusion-Steering's
+        schedules).
 
     pf_paper(model, N, potential=prm, softmax_temperature=1.0)
         The particle filter of Puri et al. (2025), "A Probabilistic Inference Approach to
@@ -16,7 +19,8 @@ The general method and the presets of the LLM literature::
         selected at step t with probabilities softmax(logit(p_t) / temperature) — the paper's
         rule. The terminal correction of ``last`` makes the weighted final particles target
         p_LM(x) (p(x) / (1 - p(x)))^(1/temperature) exactly (the paper's code omits it).
-        Answer rule: the highest final reward (the paper's pick).
+        Answer rule: the highest final reward (the paper's pick). A PRM is re-read as
+        logit(p) here, whatever its transform — METHODS["particle_filtering"].
 
 Both return an ``SMCResult`` whose ``rewards`` are the final rewards of the particles.
 """

@@ -18,7 +18,7 @@ import torch
 
 from ppl_scaling.models import toy
 from ppl_scaling.models.evaluate import ARITHMETIC_CONFIG, job_rng, load_lm, load_prm
-from ppl_scaling.models.methods import run_method, select
+from ppl_scaling.models.harness import run_method
 from ppl_scaling.models.rewards import ProcessRewardModel
 
 
@@ -50,15 +50,14 @@ def main() -> None:
         pf = run_method("particle_filtering", lm, p.prompt, prm=prm, budget=N,
                         rng=job_rng(0, p.id, "particle_filtering", N), config=cfg)
         hits["particle_filtering"].append(pf.answer == p.answer)
-        hits["particle_filtering:majority_vote"].append(
-            select("majority_vote", pf.answers, pf.log_weights, None, cfg.key) == p.answer)
+        hits["particle_filtering:majority_vote"].append(pf.select("majority_vote") == p.answer)
         ad = run_method("particle_filtering_adaptive", lm, p.prompt, prm=prm, budget=N,
                         rng=job_rng(0, p.id, "particle_filtering_adaptive", N), config=cfg)
         hits["particle_filtering_adaptive"].append(ad.answer == p.answer)
         s = run_method("best_of_n", lm, p.prompt, prm=prm, budget=N, rng=job_rng(0, p.id, "sampling", N), config=cfg)
         hits["best_of_n"].append(s.answer == p.answer)
-        hits["weighted_best_of_n"].append(select("weighted_majority", s.answers, s.scores, s.scores, cfg.key) == p.answer)
-        hits["self_consistency"].append(select("majority_vote", s.answers, s.log_weights, None, cfg.key) == p.answer)
+        hits["weighted_best_of_n"].append(s.select("weighted_majority") == p.answer)  # weights: the PRM's p
+        hits["self_consistency"].append(s.select("majority_vote") == p.answer)
         hits["mean single-sample accuracy"].append(float(np.mean([a == p.answer for a in s.answers])))
         if (i + 1) % 20 == 0:
             print(f"{i + 1} problems, {time.process_time() - start:.0f} CPU s", flush=True)

@@ -19,7 +19,8 @@ from ppl_scaling.models.report import accuracy_table, load_rows
 from llm_fixtures import TOY_LM_PATH, prm_path, random_prm, toy_lm
 
 MODELS = ["--model", str(TOY_LM_PATH), "--prm", str(prm_path())]
-FIELDS = {"problem_id", "method", "budget", "answer", "gold", "correct", "tokens", "reward_calls", "wall_s"}
+FIELDS = {"problem_id", "method", "budget", "answer", "gold", "correct", "tokens", "prefill_tokens", "forward_passes",
+          "reward_calls", "reward_tokens", "wall_s", "any_correct", "frac_correct", "num_answers"}
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -35,6 +36,11 @@ def test_eval_writes_one_row_per_run_and_resumes(tmp_path, capsys):
     rows = rows_of(out)
     assert len(rows) == 3 * 3 * 2 and all(FIELDS <= set(r) for r in rows)
     assert {r["problem_id"] for r in rows} == {"test-0000", "test-0001", "test-0002"}
+    for r in rows:  # the ledger of each run
+        assert r["tokens"] > 0 and r["forward_passes"] > 0 and r["wall_s"] > 0
+        assert (r["reward_calls"] > 0) == (r["method"] != "self_consistency")
+        if r["method"] == "best_of_n":
+            assert r["reward_calls"] == r["budget"]   # one final score per sample
     assert "particle_filtering" in capsys.readouterr().out  # the accuracy table
     before = out.read_text()
     assert main(args + MODELS) == 0          # nothing left to do: the file is unchanged

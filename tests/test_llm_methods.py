@@ -1,7 +1,10 @@
-"""The methods registry on the bundled toy task (toy LM; a random classifier PRM loaded
-by path, and the exact step checker): every method runs with the same record, spends a
-comparable budget, selects its answer as documented; errors."""
+"""Every method of ``ppl_scaling.samplers.METHODS`` run by name on the bundled toy task
+(toy LM; a random classifier PRM loaded by path, and the exact step checker) through the
+evaluation harness: one SMCResult each, a comparable budget, the documented answer rule,
+the compute ledger; errors."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,44 +12,65 @@ import pytest
 from ppl_scaling import aggregate
 from ppl_scaling.models import toy
 from ppl_scaling.models.evaluate import ARITHMETIC_CONFIG
-from ppl_scaling.models.methods import METHODS, NEEDS_PRM, run_method
+from ppl_scaling.models.harness import MethodConfig, method_options, needs_reward, run_method
+from ppl_scaling.samplers import METHODS
 from llm_fixtures import exact_prm, random_prm, toy_lm
 
 PROBLEM = toy.load_split("test")[3]
+SAMPLING = ("best_of_n", "weighted_best_of_n", "self_consistency")
+EVAL_METHODS = ("particle_filtering", "particle_filtering_adaptive", "particle_gibbs", "parallel_tempering",
+                "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_returns_the_uniform_record(method):
+def test_the_eval_method_names_are_registered():
+    assert set(EVAL_METHODS) <= set(METHODS)
+    assert [m for m in EVAL_METHODS if not needs_reward(m)] == ["self_consistency"]
+
+
+@pytest.mark.parametrize("method", EVAL_METHODS)
+def test_every_method_returns_an_smc_result_with_its_ledger(method):
     prm = random_prm()
-    out = run_method(method, toy_lm(), PROBLEM.prompt, prm=prm, budget=12, rng=np.random.default_rng(0),
+    run = run_method(method, toy_lm(), PROBLEM.prompt, prm=prm, budget=12, rng=np.random.default_rng(0),
                      config=ARITHMETIC_CONFIG)
-    n = len(out.answers)
-    assert n == len(out.completions) == len(out.log_weights) and 2 <= n <= 12
-    assert out.answer is None or out.answer in out.answers
-    c = out.compute
-    assert c["tokens"] > 0 and c["forward_passes"] > 0 and c["wall_s"] > 0
-    assert (c["reward_calls"] > 0) == (method in NEEDS_PRM)
-    assert (out.scores is None) == (method not in NEEDS_PRM)
-    if out.scores is not None:  # final PRM scores are log-probabilities
-        assert np.all(out.scores <= 0)
+    res, n = run.result, len(run.answers)
+    assert n == len(run.completions) == res.num_particles and 2 <= n <= 12
+    assert run.completions == res.particles.completions()
+    assert run.answers == [toy.extract_answer(c) for c in run.completions]
+    if any(a is not None for a in run.answers):
+        assert run.answer is not None and run.answer in run.answers
+    else:
+        assert run.answer is None
+    assert run.answer == run.select()   # the method's own rule
+    spent = run.ledger
+    if method in SAMPLING:  # independent samples: the ledger holds exactly their tokens
+        assert spent.tokens == res.particles.num_tokens.sum()
+    assert spent.tokens > 0 and spent.forward_passes > 0 and spent.wall_s > 0
+    assert (spent.reward_calls > 0) == needs_reward(method)
+    assert (res.rewards is None) == (not needs_reward(method))
+    if res.rewards is not None:  # final PRM scores are log-probabilities
+        assert res.rewards.shape == (n,) and np.all(res.rewards <= 0)
     # budget N is comparable: at most ~N generations' worth of tokens (12 chars per step, 8 steps)
-    assert c["tokens"] <= 12 * 12 * 8
+    assert spent.tokens <= 12 * 12 * 8
     rerun = run_method(method, toy_lm(), PROBLEM.prompt, prm=prm, budget=12, rng=np.random.default_rng(0),
                        config=ARITHMETIC_CONFIG)
-    assert rerun.completions == out.completions and rerun.answer == out.answer  # seeded = reproducible
+    assert rerun.completions == run.completions and rerun.answer == run.answer  # seeded = reproducible
+    assert rerun.ledger.tokens == spent.tokens and rerun.ledger.reward_calls == spent.reward_calls
 
 
 def test_selection_rules_of_the_sampling_baselines():
     lm, prm = toy_lm(), random_prm()
-    outs = {m: run_method(m, lm, PROBLEM.prompt, prm=prm, budget=16, rng=np.random.default_rng(1),
+    runs = {m: run_method(m, lm, PROBLEM.prompt, prm=prm, budget=16, rng=np.random.default_rng(1),
                           config=ARITHMETIC_CONFIG)
             for m in ("best_of_n", "weighted_best_of_n", "self_consistency")}
-    assert outs["best_of_n"].completions == outs["self_consistency"].completions  # same samples, same seed
-    bon, wbon, sc = outs["best_of_n"], outs["weighted_best_of_n"], outs["self_consistency"]
-    assert bon.answer == aggregate.argmax_weight(bon.answers, bon.scores)
-    assert wbon.answer == aggregate.weighted_majority(wbon.answers, wbon.scores)
-    assert sc.answer == aggregate.majority_vote(sc.answers)
-    assert sc.compute["reward_calls"] == 0 and bon.compute["reward_calls"] == 16
+    assert runs["best_of_n"].completions == runs["self_consistency"].completions  # same samples, same seed
+    bon, wbon, sc = runs["best_of_n"], runs["weighted_best_of_n"], runs["self_consistency"]
+    scores = bon.result.rewards
+    np.testing.assert_allclose(bon.result.log_weights, scores)   # weights = the final PRM score p
+    assert bon.answer == aggregate.argmax_weight(bon.answers, scores)
+    assert wbon.answer == aggregate.weighted_majority(wbon.answers, scores, key=int)
+    assert sc.answer == aggregate.majority_vote(sc.answers, key=int)
+    assert sc.ledger.reward_calls == 0 and bon.ledger.reward_calls == 16
+    assert len(set(bon.answers) - {None}) >= 2, "the selection rules should have answers to choose from"
 
 
 def test_particle_filtering_with_the_exact_checker_solves_the_problems():
@@ -58,6 +82,41 @@ def test_particle_filtering_with_the_exact_checker_solves_the_problems():
     assert sum(pf) >= 7, pf
 
 
+def test_the_presets_read_the_prm_as_they_need():
+    """PF paper: the PRM re-read as logit p (rewards of the run), answer by the highest final
+    score; the harness reports the final scores as log p. Adaptive PF: the PRM read as log p."""
+    lm, prm = toy_lm(), random_prm().configured(transform="logit")
+    paper = run_method("particle_filtering", lm, PROBLEM.prompt, prm=prm, budget=8, rng=np.random.default_rng(2),
+                       config=ARITHMETIC_CONFIG)
+    assert paper.result.info["preset"] == "pf_paper" and paper.result.info["selection_rule"] == "argmax_reward"
+    assert np.all(paper.result.rewards <= 0)   # log p, although the PRM was passed reading logit p
+    assert paper.answer == aggregate.argmax_weight(paper.answers, paper.result.rewards)
+    adaptive = run_method("particle_filtering_adaptive", lm, PROBLEM.prompt, prm=prm, budget=8,
+                          rng=np.random.default_rng(2), config=ARITHMETIC_CONFIG)
+    assert adaptive.result.info["selection_rule"] == "weighted_majority"
+    np.testing.assert_allclose(adaptive.result.particles.reward, adaptive.result.rewards)  # the run read log p
+
+
+def test_method_options_come_from_the_config():
+    cfg = MethodConfig(softmax_temperature=0.5, beam_width=3, pg_sweeps=2, pt_lams=(1.0, 0.3), pt_sweeps=3)
+    assert method_options("particle_filtering", cfg) == {"softmax_temperature": 0.5, "store_history": False}
+    assert method_options("particle_filtering_adaptive", cfg) == {"lam": 2.0, "store_history": False}
+    assert method_options("best_of_n", cfg) == {"store_history": False}
+    assert method_options("dvts", cfg) == {"beam_width": 3, "store_history": False}
+    assert method_options("particle_gibbs", cfg)["sweeps"] == 2
+    assert method_options("parallel_tempering", cfg)["lams"] == (1.0, 0.3)
+
+
+def test_search_width_and_dvts_budget():
+    """Width M = min(beam_width, N); DVTS uses N rounded down to a multiple of M."""
+    lm, prm = toy_lm(), random_prm()
+    for method, budget, width, used in (("beam_search", 3, 4, 3), ("dvts", 3, 4, 3), ("dvts", 10, 4, 8)):
+        cfg = replace(ARITHMETIC_CONFIG, beam_width=width)
+        run = run_method(method, lm, PROBLEM.prompt, prm=prm, budget=budget, rng=np.random.default_rng(0),
+                         config=cfg)
+        assert run.result.num_particles == used, (method, budget)
+
+
 def test_a_selection_suffix_changes_only_the_final_pick():
     lm, prm = toy_lm(), random_prm()
     a = run_method("particle_filtering", lm, PROBLEM.prompt, prm=prm, budget=8, rng=np.random.default_rng(3),
@@ -65,7 +124,11 @@ def test_a_selection_suffix_changes_only_the_final_pick():
     b = run_method("particle_filtering:majority_vote", lm, PROBLEM.prompt, prm=prm, budget=8,
                    rng=np.random.default_rng(3), config=ARITHMETIC_CONFIG)
     assert b.completions == a.completions and b.method == "particle_filtering:majority_vote"
-    assert b.answer == aggregate.majority_vote(b.answers)
+    assert b.answer == aggregate.majority_vote(b.answers, key=int) == a.select("majority_vote")
+    c = run_method("self_consistency:best_of_majority", lm, PROBLEM.prompt, prm=prm, budget=8,
+                   rng=np.random.default_rng(3), config=ARITHMETIC_CONFIG)
+    assert c.result.rewards is not None and c.ledger.reward_calls == 0   # scored after the run, for the rule
+    assert c.answer == aggregate.best_of_majority(c.answers, c.result.rewards, key=int)
     with pytest.raises(ValueError, match="unknown selection"):
         run_method("particle_filtering:best", lm, PROBLEM.prompt, prm=prm, budget=2, rng=np.random.default_rng(0))
 
@@ -78,6 +141,6 @@ def test_bad_requests_are_refused():
         run_method("best_of_n", lm, PROBLEM.prompt, budget=4, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="budget"):
         run_method("self_consistency", lm, PROBLEM.prompt, budget=0, rng=np.random.default_rng(0))
-    with pytest.raises(TypeError, match="ProcessRewardModel"):
-        run_method("particle_filtering", lm, PROBLEM.prompt, prm=lambda xs: np.zeros(len(xs)), budget=4,
-                   rng=np.random.default_rng(0), config=ARITHMETIC_CONFIG)
+    with pytest.raises(TypeError, match="Potential"):
+        run_method("particle_filtering", lm, PROBLEM.prompt, prm=3.0, budget=4, rng=np.random.default_rng(0),
+                   config=ARITHMETIC_CONFIG)

@@ -1,5 +1,6 @@
-"""StepModel: SMC over a bigram language model matches the brute-force posterior and
-its evidence estimate is unbiased; resampling keeps KV caches right; errors.
+"""StepModel (dynamics) tilted by a potential: SMC over a bigram language model matches
+the brute-force posterior and its evidence estimate is unbiased; resampling keeps KV
+caches right; the ledger counts the work; errors.
 
 Exactness is tested through the unbiasedness identities of SMC, which hold for any
 number of particles N: over independent runs r,
@@ -16,12 +17,14 @@ import pytest
 import torch
 
 import ppl_scaling as pps
+from ppl_scaling import Tilted
 from ppl_scaling.errors import PotentialError
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.lm import LanguageModel
 from ppl_scaling.models.step import StepModel
 from ppl_scaling.models.toy import TOY_LM_PATH
 from ppl_scaling.models.types import Partial
+from ppl_scaling.potentials import Potential
 from tiny_llama import build_tiny_llama
 
 # Tokens: 0 = "^" (BOS), 1 = "a", 2 = "b", 3 = EOS. Row = previous token.
@@ -47,13 +50,14 @@ class BigramLM(LanguageModel):
         return "".join(CHARS[i] for i in ids if i in (1, 2))
 
 
-class ABReward:
+class ABReward(Potential):
     """Rewards prefixes with many a's; a finished generation ending in "b" gets a bonus."""
 
-    def score(self, partials, finished):
-        return np.array([0.6 * p.completion.count("a") - 0.4 * p.completion.count("b")
-                         + (0.9 if f and p.completion.endswith("b") else 0.0)
-                         for p, f in zip(partials, finished)])
+    def prefix(self, partials):
+        return np.array([0.6 * p.completion.count("a") - 0.4 * p.completion.count("b") for p in partials])
+
+    def complete(self, partials):
+        return self.prefix(partials) + np.array([0.9 if p.completion.endswith("b") else 0.0 for p in partials])
 
 
 def exact_posterior(T, temperature, target, lam):
@@ -80,8 +84,8 @@ def exact_posterior(T, temperature, target, lam):
 def check_smc_against_enumeration(R, N, T, *, temperature, target, shape, lam, ess_threshold, seed):
     post, Z = exact_posterior(T, temperature, target, lam)
     keys = {s: i for i, s in enumerate(post)}
-    fk = StepModel(BigramLM(), "^", ABReward(), step_delimiter=None, max_steps=T, temperature=temperature,
-                   shape=shape, lam=lam, target=target)
+    fk = Tilted(StepModel(BigramLM(), "^", step_delimiter=None, max_steps=T, temperature=temperature,
+                          target=target), ABReward(), shape=shape, lam=lam)
     rng = np.random.default_rng(seed)
     ratio, mass = np.zeros(R), np.zeros((R, len(keys)))
     lengths = set()
@@ -118,17 +122,28 @@ def test_tempered_target_without_correction():
                                   lam=0.5, ess_threshold=1.0, seed=2)
 
 
-def test_plain_sampling_and_counters():
+def test_plain_sampling_and_the_ledger():
     fk = StepModel(BigramLM(), "^", step_delimiter=None, max_steps=5)
     res = pps.smc(fk, 64, ess_threshold=0.0, seed=0)
     np.testing.assert_array_equal(res.log_weights, 0.0)
     assert res.log_evidence == pytest.approx(0.0)
     x = res.particles
-    assert res.compute["tokens"] == x.num_tokens.sum()
-    assert res.compute["reward_calls"] == 0
-    assert res.compute["forward_passes"] >= 5
+    assert res.ledger.tokens == x.num_tokens.sum()
+    assert res.ledger.reward_calls == 0
+    assert res.ledger.forward_passes >= x.num_tokens.max()  # one pass per token position at least
     assert all(p.finished for p in x.partials())
     assert fk.texts(x)[0] == "^" + x.completions()[0]
+    assert fk.view(0, x) == x.partials()
+
+
+def test_the_tilt_scores_moved_particles_once_per_step():
+    """reward_calls = the number of (particle, step) moves: finished particles are frozen."""
+    fk = Tilted(StepModel(BigramLM(), "^", step_delimiter=None, max_steps=5), ABReward())
+    res = pps.smc(fk, 64, ess_threshold=0.0, seed=0)
+    x = res.particles
+    assert res.ledger.reward_calls == sum(len(s) for s in x.steps)
+    np.testing.assert_allclose(res.log_weights, ABReward().score(x.partials(), x.finished))  # difference: r(x)
+    np.testing.assert_allclose(x.reward, res.log_weights)  # the tilt carries the final rewards
 
 
 def test_delimiter_never_produced_gives_max_token_steps():
@@ -162,13 +177,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="target"):
         StepModel(lm, "^", target="posterior")
     with pytest.raises(TypeError, match="potential"):
-        StepModel(lm, "^", potential=3.0)
-    nan = StepModel(lm, "^", potential=lambda ps: np.full(len(ps), np.nan), step_delimiter=None)
+        StepModel(lm, "^", potential=ABReward())  # dynamics never see a reward: tilt them
+    gen = StepModel(lm, "^", step_delimiter=None)
+    with pytest.raises(TypeError, match="Potential"):
+        Tilted(gen, 3.0)
     with pytest.raises(PotentialError, match="NaN"):
-        pps.smc(nan, 4, seed=0)
-    wrong = StepModel(lm, "^", potential=lambda ps: np.zeros(len(ps) + 1), step_delimiter=None)
+        pps.smc(Tilted(gen, lambda ps: np.full(len(ps), np.nan)), 4, seed=0)
     with pytest.raises(PotentialError, match="shape"):
-        pps.smc(wrong, 4, seed=0)
+        pps.smc(Tilted(gen, lambda ps: np.zeros(len(ps) + 1)), 4, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +196,11 @@ def test_resampling_keeps_kv_caches_with_their_particles(tiny_lm):
     """SMC resampling at every step on the KV-cached model: each final particle's
     accumulated log p equals a full recompute of its token sequence."""
     reward = lambda ps: np.array([p.completion.count("a") - 0.5 * p.completion.count("c") for p in ps])  # noqa: E731
-    fk = StepModel(tiny_lm, "ab", reward, step_delimiter="\n", max_steps=5, max_step_tokens=5,
-                   temperature=0.8, lam=1.5)
-    res = pps.smc(fk, 8, ess_threshold=1.0, seed=0, store_history=True)
+    gen = StepModel(tiny_lm, "ab", step_delimiter="\n", max_steps=5, max_step_tokens=5, temperature=0.8)
+    res = pps.smc(Tilted(gen, reward, lam=1.5), 8, ess_threshold=1.0, seed=0, store_history=True)
     x = res.particles
     assert res.resampled[1:].all() and len(set(res.ancestors[1].tolist())) < 8
-    assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, x)
+    assert_logp_matches_recompute(tiny_lm, gen.prompt_ids, x)
     assert len(set(x.num_tokens.tolist())) > 1
     # finished particles hold no cache rows (and so cost no compute)
     assert all(len(h.contexts) == (~h.finished).sum() for h in res.history)
@@ -205,10 +220,12 @@ def test_particle_gibbs_reference_rows_join_the_kv_batch(tiny_lm):
     from ppl_scaling.samplers import particle_gibbs
 
     reward = lambda ps: np.array([p.completion.count("b") for p in ps], dtype=float)  # noqa: E731
-    fk = StepModel(tiny_lm, "ab", reward, step_delimiter="\n", max_steps=4, max_step_tokens=4)
-    out = particle_gibbs(fk, 4, 3, seed=1)
-    for run in out.runs:
-        assert_logp_matches_recompute(tiny_lm, fk.prompt_ids, run.particles)
+    gen = StepModel(tiny_lm, "ab", step_delimiter="\n", max_steps=4, max_step_tokens=4)
+    out = particle_gibbs(Tilted(gen, reward), 4, 3, seed=1)
+    assert len(out.trajectories) == 3
+    assert_logp_matches_recompute(tiny_lm, gen.prompt_ids, out.particles)   # the last sweep
+    for path in out.trajectories:   # the reference drawn from every sweep, at its last step
+        assert_logp_matches_recompute(tiny_lm, gen.prompt_ids, path[-1])
 
 
 
@@ -234,9 +251,9 @@ def test_toy_task_end_to_end():
     lm = HFLanguageModel.from_pretrained(TOY_LM_PATH)
     problem = next(p for p in load_split("test") if p.difficulty == 3)
     checker = lambda ps: np.array([0.0 if check_steps(problem.question, p.steps) else -4.0 for p in ps])  # noqa: E731
-    fk = StepModel(lm, problem.prompt, checker, step_delimiter="\n", max_steps=problem.difficulty + 3,
-                   max_step_tokens=16, stop=r"A:-?\d+\n")
-    res = pps.smc(fk, 16, seed=0)
+    gen = StepModel(lm, problem.prompt, step_delimiter="\n", max_steps=problem.difficulty + 3,
+                    max_step_tokens=16, stop=r"A:-?\d+\n")
+    res = pps.smc(Tilted(gen, checker), 16, seed=0)
     x = res.particles
     assert x.finished.all()
     line = re.compile(r"(\d+[+-]\d+=\d+|A:-?\d+)\n")
@@ -245,4 +262,4 @@ def test_toy_task_end_to_end():
     for w, c in zip(res.weights, x.completions()):
         votes[extract_answer(c)] = votes.get(extract_answer(c), 0.0) + w
     assert max(votes, key=votes.get) == problem.answer, votes
-    assert res.compute["tokens"] > 0 and res.compute["reward_calls"] > 0
+    assert res.ledger.tokens == x.num_tokens.sum() and res.ledger.reward_calls >= 16

@@ -1,0 +1,173 @@
+"""Running an inference method by name on one LLM prompt: what evaluation compares.
+
+Every method of ``ppl_scaling.samplers.METHODS`` gets the same inputs and spends a
+comparable budget N (particles, samples or beams: N generations' worth of steps)::
+
+    run = run_method("particle_filtering", lm, prompt, prm=prm, budget=16,
+                     rng=np.random.default_rng(0), config=MethodConfig(step_delimiter="\\n"))
+    run.answer, run.answers, run.completions
+    run.result                # the method's SMCResult: log_weights, rewards, ledger, info
+    run.select("majority_vote")   # another answer rule on the same candidates
+
+What ``run_method`` does:
+
+1. ``"name:rule"`` picks the method ``METHODS[name]`` and, optionally, the answer rule
+   (``ppl_scaling.result.SELECTION_RULES``; default ``config.selection``, else the
+   method's own, ``result.info["selection_rule"]``);
+2. the dynamics: a fresh ``StepModel`` from ``config`` (``config.step_model(lm, prompt)``);
+3. the potential: the PRM read as log p (``prm.configured(transform="log")``; any other
+   potential as it is), so its value is p. Presets re-read it as they need (the PF paper's
+   ``particle_filtering`` as logit p). ``self_consistency`` runs without one;
+4. the method runs with the settings of ``config`` that it takes (``method_options``);
+   the PRM's score cache is cleared first, so methods never share work; everything the
+   run spends is recorded into ``result.ledger`` (tokens, forward_passes, reward_calls,
+   reward_tokens, ..., wall_s);
+5. answers are extracted from the completions (``config.extract``); when the method used
+   the PRM, or the rule reads rewards (``best_of_majority``, ``argmax_reward``), the final
+   PRM score log p(x) of every candidate becomes ``result.rewards`` (read from the cache,
+   after the ledger is closed, so it costs the method nothing);
+6. the answer is ``result.select(answers, rule, key=config.key)``.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ppl_scaling.ledger import Ledger, recording
+from ppl_scaling.potentials import Potential, as_potential
+from ppl_scaling.result import SELECTION_RULES, SMCResult
+from ppl_scaling.samplers import METHODS
+
+from .answers import extract_answer, normalize_answer
+from .step import StepModel
+
+__all__ = ["MethodConfig", "MethodRun", "run_method", "parse_method", "needs_reward", "method_options",
+           "log_potential", "answer_key", "WITHOUT_REWARD", "REWARD_RULES"]
+
+WITHOUT_REWARD = frozenset({"self_consistency"})   # methods that run without a reward model
+REWARD_RULES = frozenset({"best_of_majority", "argmax_reward"})   # answer rules that read rewards
+
+
+def answer_key(answer: Any) -> Hashable:
+    """Default grouping of answers for votes: the normalised answer string."""
+    return normalize_answer(str(answer))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Generation and method settings shared by every method.
+
+    ``extract(completion) -> answer or None``; ``key(answer)`` groups equivalent answers
+    for the votes. ``selection`` overrides every method's default answer rule.
+    ``softmax_temperature``: the PF presets' 1 / lam; ``beam_width``: beam search / DVTS;
+    ``pg_sweeps``: particle Gibbs sweeps; ``pt_lams`` / ``pt_sweeps``: parallel tempering.
+    """
+
+    step_delimiter: str | None = "\n\n"
+    max_steps: int = 40
+    max_step_tokens: int = 256
+    temperature: float = 0.8
+    stop: str | Callable[[str], bool] | None = r"\\boxed"
+    extract: Callable[[str], Any] = extract_answer
+    key: Callable[[Any], Hashable] = answer_key
+    selection: str | None = None
+    softmax_temperature: float = 1.0
+    beam_width: int = 4
+    pg_sweeps: int = 4
+    pt_lams: tuple[float, ...] = (1.0, 0.5, 0.25)
+    pt_sweeps: int = 2
+    store_history: bool = False
+
+    def step_model(self, lm: Any, prompt: str) -> StepModel:
+        """The dynamics of a run: stepwise generation from ``lm`` after ``prompt``."""
+        return StepModel(lm, prompt, step_delimiter=self.step_delimiter, max_steps=self.max_steps,
+                         max_step_tokens=self.max_step_tokens, temperature=self.temperature, stop=self.stop)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method's run on one prompt: the ``SMCResult`` and the candidates' answers."""
+
+    method: str                 # as requested, "name" or "name:rule"
+    budget: int
+    result: SMCResult           # rewards: final PRM log p(x) of each candidate (None without the PRM)
+    completions: list[str]      # generated text of every candidate
+    answers: list[Any]          # extracted answer of every candidate (None: no answer)
+    answer: Any                 # the selected answer
+    key: Callable[[Any], Hashable] = answer_key
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.result.ledger
+
+    def select(self, rule: str | None = None) -> Any:
+        """The answer by ``rule`` (default: the method's own) from these candidates."""
+        return self.result.select(self.answers, rule, key=self.key)
+
+
+def parse_method(method: str) -> tuple[str, str | None]:
+    """``"name"`` or ``"name:rule"`` -> (name, rule or None); unknown names / rules raise ValueError."""
+    name, _, rule = method.partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)} "
+                         f"(optionally with ':rule', rule in {sorted(SELECTION_RULES)})")
+    if rule and rule not in SELECTION_RULES:
+        raise ValueError(f"unknown selection {rule!r} in {method!r}; choose from {sorted(SELECTION_RULES)}")
+    return name, rule or None
+
+
+def needs_reward(method: str) -> bool:
+    """Whether ``method`` (a name, with or without ':rule') needs a reward model."""
+    return parse_method(method)[0] not in WITHOUT_REWARD
+
+
+def method_options(name: str, config: MethodConfig) -> dict[str, Any]:
+    """The settings of ``config`` that method ``name`` takes (those its signature names)."""
+    options: dict[str, Any] = {"softmax_temperature": config.softmax_temperature, "beam_width": config.beam_width,
+                               "store_history": config.store_history}
+    if name == "particle_filtering_adaptive":
+        options["lam"] = 1.0 / config.softmax_temperature
+    elif name == "particle_gibbs":
+        options["sweeps"] = config.pg_sweeps
+    elif name == "parallel_tempering":
+        options.update(lams=tuple(config.pt_lams), sweeps=config.pt_sweeps)
+    accepted = inspect.signature(METHODS[name]).parameters
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+def log_potential(prm: Any) -> Potential:
+    """The reward model read as log p: a PRM (``configured``) is re-configured, any other
+    potential (or function of a batch) is used as it is."""
+    return as_potential(prm.configured(transform="log") if hasattr(prm, "configured") else prm)
+
+
+def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: int,
+               rng: np.random.Generator, config: MethodConfig = MethodConfig()) -> MethodRun:
+    """Run ``method`` ("name" or "name:rule") with budget N = ``budget`` on ``prompt`` (module docstring)."""
+    name, rule = parse_method(method)
+    rule = rule or config.selection
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be a positive integer (particles / samples), got {budget!r}")
+    if prm is None and name not in WITHOUT_REWARD:
+        raise ValueError(f"method {method!r} needs a reward model: pass prm=... (e.g. ProcessRewardModel."
+                         f"from_pretrained(path)); only {sorted(WITHOUT_REWARD)} run without one")
+    potential = None if prm is None else log_potential(prm)
+    if prm is not None and hasattr(prm, "clear_cache"):
+        prm.clear_cache()
+    model = config.step_model(lm, prompt)
+    with recording() as spent:
+        result = METHODS[name](model, int(budget), potential=None if name in WITHOUT_REWARD else potential,
+                               rng=rng, **method_options(name, config))
+    result = replace(result, ledger=spent)
+    partials = result.particles.partials()
+    completions = [p.completion for p in partials]
+    answers = [config.extract(c) for c in completions]
+    if potential is not None and (result.rewards is not None or rule in REWARD_RULES):
+        # cached for every method that scored the candidates during the run
+        result = replace(result, rewards=potential.score(partials, np.ones(len(partials), dtype=bool)))
+    answer = result.select(answers, rule, key=config.key)
+    return MethodRun(method, int(budget), result, completions, answers, answer, config.key)
