@@ -40,14 +40,15 @@ import numpy as np
 from ppl_scaling.ledger import Ledger, recording
 from ppl_scaling.potentials import Potential, as_potential
 from ppl_scaling.result import SELECTION_RULES, SMCResult
-from ppl_scaling.samplers import METHODS
+from ppl_scaling.samplers import DIFFUSION_METHODS, METHODS
 
 from .answers import extract_answer, normalize_answer
 from .step import StepModel
 
 __all__ = ["MethodConfig", "MethodRun", "run_method", "parse_method", "needs_reward", "method_options",
-           "log_potential", "answer_key", "WITHOUT_REWARD", "REWARD_RULES"]
+           "log_potential", "answer_key", "LLM_METHODS", "WITHOUT_REWARD", "REWARD_RULES"]
 
+LLM_METHODS = frozenset(METHODS) - DIFFUSION_METHODS
 WITHOUT_REWARD = frozenset({"self_consistency"})   # methods that run without a reward model
 REWARD_RULES = frozenset({"best_of_majority", "argmax_reward"})   # answer rules that read rewards
 
@@ -108,12 +109,17 @@ class MethodRun:
         """The answer by ``rule`` (default: the method's own) from these candidates."""
         return self.result.select(self.answers, rule, key=self.key)
 
+    def weighted_answers(self) -> list[tuple[Any, float]]:
+        """Distinct answers (grouped by ``key``) with their total weight, heaviest first."""
+        return self.result.weighted_answers(self.answers, key=self.key)
+
 
 def parse_method(method: str) -> tuple[str, str | None]:
     """``"name"`` or ``"name:rule"`` -> (name, rule or None); unknown names / rules raise ValueError."""
     name, _, rule = method.partition(":")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)} "
+    if name not in METHODS or name in DIFFUSION_METHODS:
+        what = "a diffusion method" if name in DIFFUSION_METHODS else "an unknown method"
+        raise ValueError(f"{method!r} is {what}; LLM methods are {sorted(LLM_METHODS)} "
                          f"(optionally with ':rule', rule in {sorted(SELECTION_RULES)})")
     if rule and rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection {rule!r} in {method!r}; choose from {sorted(SELECTION_RULES)}")

@@ -140,14 +140,19 @@ class SMCResult:
         return replace(self, rewards=rewards, info={**self.info, "method": method,
                                                     "selection_rule": selection_rule, **info})
 
-    def weighted_answers(self, answers: Sequence[Any]) -> list[tuple[Any, float]]:
-        """Distinct answers with their total normalised weight, heaviest first."""
+    def weighted_answers(self, answers: Sequence[Any], *,
+                         key: Callable[[Any], Hashable] | None = None) -> list[tuple[Any, float]]:
+        """Distinct answers (grouped by ``key``, shown by their first member) with their total
+        normalised weight, heaviest first."""
         lw = self.log_weights
         W = normalise(lw) if np.isfinite(np.max(lw)) else np.full(lw.shape, 1.0 / lw.size)
+        first: dict[Any, Any] = {}
         totals: dict[Any, float] = {}
         for a, w in zip(answers, W):
-            totals[a] = totals.get(a, 0.0) + float(w)
-        return sorted(totals.items(), key=lambda kv: -kv[1])
+            k = a if key is None or a is None else key(a)
+            first.setdefault(k, a)
+            totals[k] = totals.get(k, 0.0) + float(w)
+        return sorted(((first[k], v) for k, v in totals.items()), key=lambda kv: -kv[1])
 
     def summary(self) -> str:
         steps = len(self.ess)

@@ -39,8 +39,11 @@ from .svdd import svdd
 METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS, **_importance.METHODS,
            **_particle_gibbs.METHODS, **_parallel_tempering.METHODS, **_fk_steering.METHODS, **_svdd.METHODS,
            **_noise_search.METHODS}
+# Methods written for diffusion models (their budgets count chains or noise candidates; the
+# noise searches need a DiffusionModel); the LLM evaluation harness offers the others.
+DIFFUSION_METHODS = frozenset({**_fk_steering.METHODS, **_svdd.METHODS, **_noise_search.METHODS})
 
-__all__ = ["METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
+__all__ = ["METHODS", "DIFFUSION_METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
            "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "pg_paper",
            "ConditionalSMC", "draw_trajectory", "stack_paths", "parallel_tempering", "pt_paper", "TemperedFK",
            "path_log_potential", "fk_steering", "svdd", "random_search", "zero_order_search", "search_over_paths"]

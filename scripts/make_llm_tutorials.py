@@ -127,8 +127,9 @@ except AssertionError as e:
 ("md", r"""
 ## 5. From rewards to SMC: FK shapes
 
-`StepModel(lm, prompt, potential, shape=..., lam=...)` calls the potential after every step and turns
-the rewards $r_t$ of the prefixes into potentials $G_t$:
+`StepModel(lm, prompt, ...)` is the generation alone (dynamics: it never sees a reward).
+`pps.Tilted(step_model, potential, shape=..., lam=...)` steers it: it calls the potential on the
+prefixes after every step and turns their rewards $r_t$ into potentials $G_t$:
 
 | shape | $\log G_t$ | intermediate target |
 |---|---|---|
@@ -164,12 +165,13 @@ print(f"exact P(>= 2 a's) = {exact:.4f}")
 ("code", r"""
 rng = np.random.default_rng(0)
 estimates = {}
+gen = StepModel(lm, "^", step_delimiter=None, max_steps=T)   # one letter per step, no reward
 for shape in ["difference", "max", "sum", "last"]:
-    fk = StepModel(lm, "^", combined, step_delimiter=None, max_steps=T, shape=shape, lam=lam)
+    fk = pps.Tilted(gen, combined, shape=shape, lam=lam)
     runs = []
     for _ in range(40):
         res = pps.smc(fk, num_particles=64, rng=rng)
-        hit = np.array([c.count("a") >= 2 for c in res.particles.completions()])
+        hit = np.array([c.count("a") >= 2 for c in res.particles.completions()])   # TiltedState -> base
         runs.append(res.weights @ hit)
     estimates[shape] = (np.mean(runs), np.std(runs, ddof=1) / np.sqrt(len(runs)))
 for shape, (m, se) in estimates.items():
@@ -181,8 +183,8 @@ others are consistent as N grows). They differ in *how* they get there: the over
 more aggressively. The ESS traces show it:
 """),
 ("code", r"""
-results = [pps.smc(StepModel(lm, "^", combined, step_delimiter=None, max_steps=T, shape=s, lam=2.0),
-                   num_particles=256, seed=1) for s in ["difference", "max", "sum", "last"]]
+results = [pps.smc(pps.Tilted(gen, combined, shape=s, lam=2.0), num_particles=256, seed=1)
+           for s in ["difference", "max", "sum", "last"]]
 plots.plot_ess(results, labels=["difference", "max", "sum", "last"])
 plt.show()
 """),
@@ -191,6 +193,9 @@ plt.show()
 
 - Reward models for LLMs are potentials too: `ppl_scaling.models.rewards` (PRMs, ORMs, verifiers,
   LLM judges) — see tutorial 03.
+- Every method of `ppl_scaling.samplers` (`particle_filtering`, `pf_paper`, `best_of_n`, `beam_search`,
+  ...) takes the same dynamics and potential: `particle_filtering(gen, 64, potential=combined, shape="max")`
+  runs the same SMC as above and returns the same `SMCResult`, labelled with its method and answer rule.
 - `ppl_scaling.potentials.PotentialContractTests` turns `check_potential` into a pytest test for your
   own potentials.
 """),
@@ -217,9 +222,10 @@ import torch
 import matplotlib.pyplot as plt
 
 from ppl_scaling import plots
+from ppl_scaling.samplers import METHODS
 from ppl_scaling.models import toy
 from ppl_scaling.models.evaluate import ARITHMETIC_CONFIG, arithmetic_task, evaluate, load_lm, load_prm
-from ppl_scaling.models.methods import run_method, METHODS
+from ppl_scaling.models.harness import run_method
 from ppl_scaling.models.report import accuracy_table, format_table, plot_scaling
 torch.set_num_threads(1)
 
@@ -232,9 +238,12 @@ print(problem.solution)
 ("md", r"""
 ## One problem, one particle filter
 
-`run_method` runs a method by name with a budget N and returns the final candidates, their weights, the
-selected answer and the compute spent. `particle_filtering` is the paper's configuration: after every
-line, the particles are resampled with probabilities softmax(logit(PRM score of the prefix)); the
+`run_method` runs a method by name with a budget N and returns a `MethodRun`: the method's `SMCResult`
+(`.result`: weights, final PRM rewards, genealogy), the candidates' completions and answers, the selected
+answer and the compute ledger. It is a thin harness: it builds the dynamics `config.step_model(lm, prompt)`
+(a `StepModel`), calls `METHODS[name]` with the PRM as the potential, extracts the answers and applies the
+answer rule. `particle_filtering` is the paper's configuration (`ppl_scaling.samplers.pf_paper`): after
+every line, the particles are resampled with probabilities softmax(logit(PRM score of the prefix)); the
 answer is the particle with the best final PRM score. `ARITHMETIC_CONFIG` holds the task's generation
 settings (one step = one line, stop at the `A:` line).
 """),
@@ -244,14 +253,18 @@ out = run_method("particle_filtering", lm, problem.prompt, prm=prm, budget=16,
                  rng=np.random.default_rng(0), config=config)
 print("answer:", out.answer, "(correct)" if out.answer == problem.answer else "(wrong)")
 print("weighted answers:", [(a, round(w, 3)) for a, w in out.weighted_answers()])
-print("compute:", {k: round(v, 3) for k, v in out.compute.items()})
-for text, score in list(zip(out.completions, out.scores))[:4]:
+print("ledger:", {k: round(v, 3) for k, v in out.ledger.as_dict().items() if v})
+for text, score in list(zip(out.completions, out.result.rewards))[:4]:
     print(f"PRM log-score {score:6.2f} | {text!r}")
 """),
 ("md", r"""
-The learned PRM is imperfect: compare the pick with the weighted answers. When the PRM's favourite
-final particle is a false positive, the weighted vote over the particles can still be right — the
-selection rule is a setting (`MethodConfig(selection="weighted_majority")`, or `majority_vote`, ...).
+The two lines apply two selection rules to the same particles: `answer` is the PF paper's pick
+(`argmax_reward`: the particle with the highest final PRM reward), `weighted answers` is the posterior's
+weighted vote (`weighted_majority`: each answer's total normalised weight). They can disagree because the
+learned PRM is imperfect: one false positive — a wrong completion it scores highly — wins the argmax, while
+the weighted vote pools the weight of every particle and can still be right. The rule is a setting:
+`out.select("weighted_majority")` re-picks from this run, `MethodConfig(selection="weighted_majority")`
+(or `majority_vote`, ...) sets it for every method.
 
 The run is an `SMCResult` like any other: ESS per step (dots: resampling steps) and the genealogy —
 grey lines are every particle's parent, black lines the ancestry of the final particles, showing how
@@ -266,7 +279,9 @@ plt.tight_layout(); plt.show()
 ("md", r"""
 ## Methods at equal budget
 
-`METHODS` lists every method; all spend a budget of N generations. A name may end with `:selection` to
+`ppl_scaling.samplers.METHODS` is the registry of every method, for LLMs and diffusion models alike
+(`zero_order_search` and `search_over_paths` run on diffusion models only); the LLM methods compared here
+each spend a budget of N generations. A name may end with `:selection` to
 change only the final pick (`particle_filtering:majority_vote`: the same particle filter, answer by a
 vote over its particles). `evaluate` runs problems x methods x budgets into a JSONL file, one line per
 run, resumable (the same as `ppl-scaling eval`). A small run:
@@ -307,7 +322,7 @@ blank lines and a particle stops at `\boxed`:
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.rewards import ProcessRewardModel
 from ppl_scaling.models.evaluate import chat_prompt
-from ppl_scaling.models.methods import MethodConfig, run_method
+from ppl_scaling.models.harness import MethodConfig, run_method
 
 lm = HFLanguageModel.from_pretrained("Qwen/Qwen2.5-Math-1.5B-Instruct", device="cuda", dtype="bfloat16")
 prm = ProcessRewardModel.from_pretrained("Qwen/Qwen2.5-Math-PRM-7B", device="cuda", dtype="bfloat16",
@@ -315,7 +330,18 @@ prm = ProcessRewardModel.from_pretrained("Qwen/Qwen2.5-Math-PRM-7B", device="cud
 config = MethodConfig(step_delimiter="\n\n", max_steps=40, max_step_tokens=512, temperature=0.8, stop=r"\\boxed")
 out = run_method("particle_filtering", lm, chat_prompt(lm, "What is the sum of the first 20 odd numbers?"),
                  prm=prm, budget=32, rng=np.random.default_rng(0), config=config)
-out.answer, out.weighted_answers()
+out.answer, out.weighted_answers(), out.ledger
+```
+
+or, one level down, the sampler itself on the dynamics (`res` is the `SMCResult`; `res.particles.completions()`
+are the texts; `res.rewards` are the paper's final rewards logit p, where `run_method` reports log p):
+
+```python
+from ppl_scaling.samplers import pf_paper
+
+res = pf_paper(config.step_model(lm, chat_prompt(lm, "What is the sum of the first 20 odd numbers?")), 32,
+               potential=prm, seed=0)
+res.rewards, res.ledger
 ```
 
 or from the command line, with your own dataset (one `{"problem": ..., "answer": ...}` per line):

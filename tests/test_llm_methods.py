@@ -137,6 +137,8 @@ def test_bad_requests_are_refused():
     lm = toy_lm()
     with pytest.raises(ValueError, match="unknown method"):
         run_method("mcts", lm, PROBLEM.prompt, prm=random_prm(), budget=4, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="'zero_order_search' is a diffusion method; LLM methods are"):
+        run_method("zero_order_search", lm, PROBLEM.prompt, prm=random_prm(), budget=4, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="needs a reward model"):
         run_method("best_of_n", lm, PROBLEM.prompt, budget=4, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="budget"):
