@@ -60,6 +60,11 @@ class SMCResult:
         return normalise(self.log_weights)
 
     @property
+    def best_index(self) -> int:
+        """Index of the particle of largest weight (the search methods' best path)."""
+        return int(np.argmax(self.log_weights))
+
+    @property
     def final_ess(self) -> float:
         return _ess(self.log_weights)
 

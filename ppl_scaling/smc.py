@@ -76,6 +76,12 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
     return arr
 
 
+def model_name(fk: Any) -> str:
+    """``DiffusionModel``, or ``Tilted(DiffusionModel)`` for tilted dynamics."""
+    inner = getattr(fk, "dynamics", None)
+    return f"{type(fk).__name__}({model_name(inner)})" if inner is not None else type(fk).__name__
+
+
 def as_done_mask(value: Any, N: int, t: int, who: str) -> np.ndarray:
     """A ``done`` output as an (N,) bool array, or raise (NaN or non-0/1 numbers are errors)."""
     if hasattr(value, "detach"):  # torch
@@ -277,7 +283,7 @@ class SMC:
             log_weights_history=None if state.log_weights_history is None else list(state.log_weights_history),
             ancestors=None if state.ancestors is None else list(state.ancestors),
             ledger=state.ledger,
-            info={"num_particles": self.N, "selection": self.selection.name, "model": type(self.fk).__name__,
+            info={"num_particles": self.N, "selection": self.selection.name, "model": model_name(self.fk),
                   **self._selection_info()},
         )
 
