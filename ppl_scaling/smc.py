@@ -65,7 +65,7 @@ def as_log_potential(value: Any, N: int, t: int, what: str = "logG") -> np.ndarr
         raise PotentialError(
             f"{what} at step t={t} returned shape {arr.shape}; expected ({N},), one log potential per particle"
         )
-    top = np.max(arr)  # NaN if any entry is NaN
+    top = arr.max()  # NaN if any entry is NaN
     if np.isnan(top):
         raise PotentialError(
             f"{what} at step t={t} returned NaN for {int(np.isnan(arr).sum())} of {N} particles; "

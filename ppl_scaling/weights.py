@@ -33,13 +33,13 @@ def normalise(lw: np.ndarray) -> np.ndarray:
 
 def summarise(lw: np.ndarray) -> tuple[float, np.ndarray | None, float]:
     """``(logsumexp(lw), W, ESS)`` from a single exponentiation; ``(-inf, None, 0)`` if all -inf."""
-    m = np.max(lw)
+    m = lw.max()
     if not np.isfinite(m):
         return float(m), None, 0.0
     W = np.exp(lw - m)
-    s = np.sum(W)
+    s = W.sum()
     W /= s
-    return float(m + np.log(s)), W, float(1.0 / np.sum(W * W))
+    return float(m + np.log(s)), W, float(1.0 / (W @ W))
 
 
 def ess(lw: np.ndarray) -> float:
