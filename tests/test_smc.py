@@ -217,7 +217,8 @@ def test_result_views(lingauss):
     assert abs(draws.mean() - r.weights @ r.particles) < 5 * np.sqrt(r.weights @ r.particles**2) / np.sqrt(1000)
     assert r.lineage().shape == (len(y), 300)
     n_unique = r.num_unique_ancestors()
-    assert n_unique[-1] == 300 and np.all(np.diff(n_unique) >= 0)  # path degeneracy: fewer ancestors further back
+    # path degeneracy: fewer distinct ancestors further back, strictly fewer than N at the start
+    assert np.all(np.diff(n_unique) >= 0) and n_unique[0] < n_unique[-2] < 300
     assert "log evidence" in r.summary()
     assert np.isclose(r.cumulative_log_evidence[-1], r.log_evidence)
 
