@@ -174,6 +174,18 @@ class StepModel(Dynamics):
     def done(self, t: int, x: StepState) -> np.ndarray:
         return x.finished.copy()
 
+    def logpt(self, t: int, xp: StepState, x: StepState) -> np.ndarray:
+        """Transition log-density of M (for ancestor / backward sampling): log q_τ of x_i's last
+        step after xp_i's steps when x_i extends xp_i by one step, 0 when xp_i had finished and
+        x_i is xp_i, -inf otherwise (a state holds its whole history)."""
+        out = np.full(x.num_particles, -np.inf)
+        for i, (prev, new) in enumerate(zip(xp.token_ids, x.token_ids)):
+            if xp.finished[i]:
+                out[i] = 0.0 if new == prev else -np.inf
+            elif len(x.steps[i]) == len(xp.steps[i]) + 1 and new[:len(prev)] == prev:
+                out[i] = x.log_q[i] - xp.log_q[i]
+        return out
+
     def view(self, t: int, x: StepState) -> list[Partial]:
         """The partial generations, what a potential scores."""
         return x.partials()

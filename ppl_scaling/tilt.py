@@ -86,6 +86,8 @@ class Tilted:
         if T is None or int(T) < 1:
             raise ValueError(f"{type(dynamics).__name__}.T must be a positive number of steps, got {T!r}")
         self.dynamics, self.T = dynamics, int(T)
+        if callable(getattr(dynamics, "logpt", None)):  # the tilt leaves M, hence its density, as it is
+            self.logpt = lambda t, xp, x: dynamics.logpt(t, xp.base, x.base)
         self.potential = as_potential(potential)
         self.shape = FKShape(shape, float(lam))
         if at is None:

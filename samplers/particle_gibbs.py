@@ -9,7 +9,22 @@ x*_t at every step t (``initial`` / ``move`` pin it) and its ancestor is slot 0
 Drawing the new reference from the final weights (``draw_trajectory``) is a Markov
 kernel that leaves the smoothing distribution pi(x_{0:T-1}) invariant, for any N >= 2.
 
-    out = particle_gibbs(fk, num_particles=20, num_iterations=500, seed=0)
+Plain conditional SMC mixes badly far back in time (path degeneracy: the reference's
+early states are rarely replaced). Two remedies need the transition log-density
+``fk.logpt(t, xp, x)`` of M, vectorised over particles (the name ``particles`` uses):
+
+- **ancestor sampling** (PGAS; Lindsten, Jordan & Schön 2014): at each step the
+  reference's ancestor is redrawn, P(A_0 = i) ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t),
+  so the reference path is cut and re-attached to other particles' histories;
+- **backward sampling** (Whiteley 2010): the new reference is drawn backwards,
+  x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) G_{t+1}(x_t^i, x_{t+1}).
+
+Both leave pi invariant. They are exact when logG(t, xp, x) is a function of (xp, x): for
+``Tilted`` dynamics the weight is carried in the state, which is right for states that hold
+their own history (an LLM's step prefixes), where only parents with the same history have
+positive density.
+
+    out = particle_gibbs(fk, num_particles=20, num_iterations=500, ancestor_sampling=True, seed=0)
     out.trajectories[i]            # the reference path after iteration i (1-particle states)
     stack_paths(out.trajectories)  # (iterations, T, ...) for array states
     out.ledger                     # every sweep's work, the initial SMC run included
@@ -34,12 +49,14 @@ from ppl_scaling.ledger import recording
 from ppl_scaling.resampling import multinomial
 from ppl_scaling.result import SMCResult
 from ppl_scaling.rng import as_generator
-from ppl_scaling.smc import SMC, SMCState
+from ppl_scaling.smc import SMC, SMCState, as_log_potential
 from ppl_scaling.state import take, where
+from ppl_scaling.weights import normalise
 
 from .particle_filtering import paper_tilt, pf_paper
 
-__all__ = ["ConditionalSMC", "draw_trajectory", "stack_paths", "particle_gibbs", "pg_paper", "METHODS"]
+__all__ = ["ConditionalSMC", "draw_trajectory", "draw_trajectory_backward", "stack_paths", "particle_gibbs",
+           "pg_paper", "METHODS"]
 
 
 class ConditionalSMC(SMC):
@@ -51,9 +68,13 @@ class ConditionalSMC(SMC):
     (and weighs the pinned x*_t under its new parent).
     """
 
-    def __init__(self, fk: Any, num_particles: int, reference: Sequence[Any], *, progress: bool = False) -> None:
+    def __init__(self, fk: Any, num_particles: int, reference: Sequence[Any], *, ancestor_sampling: bool = False,
+                 progress: bool = False) -> None:
         if isinstance(num_particles, (int, np.integer)) and num_particles < 2:
             raise ValueError("conditional SMC needs num_particles >= 2 (one slot is the reference)")
+        if ancestor_sampling:
+            require_logpt(fk, "ancestor sampling")
+        self.ancestor_sampling = bool(ancestor_sampling)
         super().__init__(fk, num_particles, ess_threshold=1.0, resampling="multinomial", store_history=True,
                          progress=progress)
         self.reference = list(reference)
@@ -78,8 +99,12 @@ class ConditionalSMC(SMC):
         return A, np.zeros(self.N)
 
     def reference_ancestor(self, t: int, rng: np.random.Generator, state: SMCState) -> int:
-        """The parent slot of the reference state x*_t: 0, where x*_{t-1} is pinned."""
-        return 0
+        """The parent slot of the reference state x*_t: 0, where x*_{t-1} is pinned, or with
+        ancestor sampling a draw ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t)."""
+        if not self.ancestor_sampling or t >= len(self.reference):
+            return 0
+        lw = state.log_weights + transition_log_weights(self.fk, t, state.particles, self.reference[t], self.N)
+        return int(rng.choice(self.N, p=normalise(lw)))
 
     def result(self, state: SMCState) -> SMCResult:
         """The sweep's result; no evidence (a conditional sweep's estimate is not one of Z)."""
@@ -96,31 +121,70 @@ def draw_trajectory(result: SMCResult, rng: np.random.Generator) -> list[Any]:
     return [take(x, B[t, k : k + 1]) for t, x in enumerate(result.history)]
 
 
+def require_logpt(fk: Any, what: str) -> None:
+    if not callable(getattr(fk, "logpt", None)):
+        raise TypeError(f"{what} needs the transition log-density {type(fk).__name__}.logpt(t, xp, x) "
+                        "(vectorised over particles); define it on the model (or its dynamics)")
+
+
+def transition_log_weights(fk: Any, t: int, xp: Any, x_next: Any, N: int) -> np.ndarray:
+    """log M_t(xp_i, x) + log G_t(xp_i, x) for every particle xp_i and the one state ``x_next``."""
+    x = take(x_next, np.zeros(N, dtype=np.int64))
+    with np.errstate(invalid="ignore"):
+        return (as_log_potential(fk.logpt(t, xp, x), N, t, "logpt")
+                + as_log_potential(fk.logG(t, xp, x), N, t))
+
+
+def draw_trajectory_backward(result: SMCResult, fk: Any, rng: np.random.Generator) -> list[Any]:
+    """One path by backward sampling (module docstring; needs ``store_history`` and ``fk.logpt``):
+    x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) G_{t+1}(x_t^i, x_{t+1})."""
+    require_logpt(fk, "backward sampling")
+    if result.history is None:
+        raise ValueError("backward sampling needs the run's history (store_history=True)")
+    steps, N = len(result.history), result.num_particles
+    k = int(rng.choice(N, p=result.weights))
+    path = [take(result.history[-1], np.array([k]))]
+    for t in range(steps - 2, -1, -1):
+        lw = result.log_weights_history[t] + transition_log_weights(fk, t + 1, result.history[t], path[0], N)
+        k = int(rng.choice(N, p=normalise(lw)))
+        path.insert(0, take(result.history[t], np.array([k])))
+    return path
+
+
 def stack_paths(trajectories: Sequence[Sequence[Any]]) -> np.ndarray:
     """Array states only: the paths as one array of shape (paths, T, *event shape)."""
     return np.stack([np.concatenate([np.asarray(x) for x in path]) for path in trajectories])
 
 
-def particle_gibbs(fk: Any, num_particles: int, num_iterations: int, *, reference: Sequence[Any] | None = None,
+def particle_gibbs(fk: Any, num_particles: int, num_iterations: int, *, ancestor_sampling: bool = False,
+                   backward_sampling: bool = False, reference: Sequence[Any] | None = None,
                    seed: int | None = None, rng: np.random.Generator | None = None,
                    progress: bool = False) -> SMCResult:
     """``num_iterations`` sweeps of particle Gibbs on ``fk``: the last sweep's ``SMCResult``
     with the reference path after each iteration in ``trajectories`` and the ledger of
     every sweep. The first reference is ``reference`` if given, else a path drawn from a
-    plain SMC run."""
+    plain SMC run. ``ancestor_sampling`` / ``backward_sampling`` (module docstring) need
+    ``fk.logpt``."""
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, (int, np.integer)) or num_iterations < 1:
         raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}")
     rng = as_generator(seed, rng)
+    if backward_sampling:
+        require_logpt(fk, "backward sampling")
+
+    def draw(res: SMCResult) -> list[Any]:
+        return draw_trajectory_backward(res, fk, rng) if backward_sampling else draw_trajectory(res, rng)
+
     trajectories: list[list[Any]] = []
     with recording() as spent:
         if reference is None:
-            reference = draw_trajectory(SMC(fk, num_particles, store_history=True).run(rng), rng)
+            reference = draw(SMC(fk, num_particles, store_history=True).run(rng))
         for _ in tqdm(range(num_iterations), desc="particle Gibbs", disable=not progress, leave=False):
-            result = ConditionalSMC(fk, num_particles, reference).run(rng)
-            reference = draw_trajectory(result, rng)
+            result = ConditionalSMC(fk, num_particles, reference, ancestor_sampling=ancestor_sampling).run(rng)
+            reference = draw(result)
             trajectories.append(reference)
     return replace(result, trajectories=trajectories, ledger=spent,
-                   info={**result.info, "iterations": int(num_iterations)})
+                   info={**result.info, "iterations": int(num_iterations), "ancestor_sampling": bool(ancestor_sampling),
+                         "backward_sampling": bool(backward_sampling)})
 
 
 def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generator | None = None,
@@ -129,7 +193,8 @@ def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generato
              progress: bool = False) -> SMCResult:
     """Particle Gibbs with the PF paper's weighting (``paper_tilt``): budget N = S sweeps of
     N // S particles, S = max(1, min(sweeps, N // 2)) (the paper's 4 x 16 = 64); the first
-    sweep plain SMC, the other S - 1 conditional on a reference path. The answer is the last
+    sweep plain SMC, the other S - 1 conditional on a reference path, with ancestor sampling
+    when the model has a transition density (``StepModel`` does). The answer is the last
     sweep's particle with the highest final reward. N < 4 (S = 1) runs the PF paper's filter
     with all N particles instead, recorded in ``info["fallback"]``."""
     if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 1:
@@ -140,7 +205,8 @@ def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generato
                        aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
         return res.for_method("particle_gibbs", selection_rule, fallback="particle_filtering", sweeps=1)
     fk = paper_tilt(model, potential, softmax_temperature, aggregation=aggregation)
-    res = particle_gibbs(fk, budget // S, S - 1, seed=seed, rng=rng, progress=progress)
+    res = particle_gibbs(fk, budget // S, S - 1, ancestor_sampling=callable(getattr(fk, "logpt", None)),
+                         seed=seed, rng=rng, progress=progress)
     return res.for_method("particle_gibbs", selection_rule, fallback=None, sweeps=S,
                           softmax_temperature=softmax_temperature)
 
