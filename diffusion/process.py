@@ -13,6 +13,9 @@ with ᾱ_i = alphas_cumprod[tau_i] (ᾱ_K = 1, or the scheduler's ``final_alpha_
                      N(sqrt(ᾱ_j / ᾱ_i) x_i, (1 - ᾱ_j / ᾱ_i) I)
 
 Every denoiser evaluation is recorded in the compute ledger (``nfe``, one per sample).
+Outputs are checked where they are made: a denoiser output with NaN / inf raises
+``DenoiserError`` naming the denoiser, the level and the timestep (not a reward error
+several calls later), and so does a reverse step whose result is not finite (the scheduler).
 Randomness comes from torch generators derived from a numpy ``rng`` (``torch_generator``).
 """
 from __future__ import annotations
@@ -26,12 +29,33 @@ import torch
 from ppl_scaling.ledger import record
 from ppl_scaling.rng import torch_generator
 
-__all__ = ["Denoiser", "ReverseProcess", "as_tensor_output", "dynamic_threshold"]
+__all__ = ["Denoiser", "DenoiserError", "ReverseProcess", "as_tensor_output", "dynamic_threshold", "denoiser_name"]
 
 Denoiser = Callable[..., Any]
 
 STOCHASTIC_WITH_ETA = ("DDIMScheduler", "DDIMParallelScheduler")
 STOCHASTIC = ("DDPMScheduler", "DDPMParallelScheduler")
+
+
+class DenoiserError(ValueError):
+    """A denoiser (or a reverse step) produced NaN or infinite values."""
+
+
+def denoiser_name(denoiser: Any) -> str:
+    """A readable name: a function's qualified name, else the class name (e.g. UNet2DModel)."""
+    fn = getattr(denoiser, "func", denoiser)  # functools.partial
+    name = getattr(fn, "__qualname__", None) if callable(fn) and not isinstance(fn, torch.nn.Module) else None
+    return name if isinstance(name, str) else type(denoiser).__name__
+
+
+def _first_bad(t: torch.Tensor) -> tuple[int, int] | None:
+    """(number of samples with a non-finite value, the first such sample), or None if all finite."""
+    if not t.is_floating_point() and not t.is_complex():
+        return None
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    return int(bad.sum()), int(bad.nonzero()[0, 0])
 
 
 def as_tensor_output(out: Any) -> torch.Tensor:
@@ -70,6 +94,7 @@ class ReverseProcess:
             raise TypeError(f"scheduler must be a diffusers scheduler (step, set_timesteps), "
                             f"got {type(scheduler).__name__}")
         self.denoiser = denoiser
+        self.denoiser_name = denoiser_name(denoiser)
         self.scheduler = type(scheduler).from_config(scheduler.config)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.K = int(num_inference_steps)
@@ -115,6 +140,16 @@ class ReverseProcess:
             raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}; "
                              f"sample_shape={self.sample_shape} must be the denoiser's input shape "
                              "(without the batch axis)")
+        bad = _first_bad(out)
+        if bad is not None:
+            where = f"at level {i} of {self.K} (scheduler timestep {int(t)}, reverse step {i} -> {i + 1})"
+            if _first_bad(x) is not None:
+                raise DenoiserError(f"the state fed to denoiser {self.denoiser_name} {where} already holds NaN/inf "
+                                    f"({_first_bad(x)[0]} of {x.shape[0]} samples): an earlier {self.name} step "
+                                    "or the initial noise produced it")
+            raise DenoiserError(f"denoiser {self.denoiser_name} returned NaN/inf {where} for {bad[0]} of "
+                                f"{out.shape[0]} samples (first: sample {bad[1]}), from finite inputs; check the "
+                                "model's weights, dtype (float16 overflow?) and conditioning")
         return out, self.predict_x0(out, i, x)
 
     def predict_x0(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +178,12 @@ class ReverseProcess:
     def step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One reverse step from level i to level i + 1, given the denoiser output ``out`` at x."""
         res = self.scheduler.step(out, self.timesteps[i], x, generator=generator, return_dict=True, **self._eta_kw)
+        bad = _first_bad(res.prev_sample)
+        if bad is not None:
+            raise DenoiserError(f"{self.name}.step from level {i} to {i + 1} of {self.K} (scheduler timestep "
+                                f"{int(self.timesteps[i])}) returned NaN/inf for {bad[0]} of {x.shape[0]} samples "
+                                f"(first: sample {bad[1]}); its inputs were "
+                                f"{'finite' if _first_bad(out) is None and _first_bad(x) is None else 'not finite'}")
         return res.prev_sample
 
     def run(self, x: torch.Tensor, i_from: int, i_to: int, rng: np.random.Generator,

@@ -19,14 +19,23 @@ __all__ = ["fk_schedule", "potential_steps"]
 
 def fk_schedule(num_inference_steps: int, *, every: int = 1, start: int = 0, end: int | None = None) -> list[int]:
     """``resample_at`` steps t = i + 1 for FK's loop indices i = start, start + every, ... <= end
-    (``end`` defaults to the last scheduler step K - 1; indices past it are dropped)."""
+    (``end`` defaults to the last scheduler step K - 1; indices past it are dropped). A schedule
+    that would never resample (start > end, or start past the last step) is refused."""
     K = int(num_inference_steps)
     if K < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    if int(start) < 0:
+        raise ValueError(f"start (t_start) must be a loop index >= 0 (0 = the noisiest step), got {start}")
+    if end is not None and int(start) > int(end):
+        raise ValueError(f"start (t_start) = {start} is after end (t_end) = {end}: the schedule would never "
+                         "resample; FK's loop indices run from start to end, 0 = the noisiest step")
+    if int(start) > K - 1:
+        raise ValueError(f"start (t_start) = {start} is past the last scheduler step {K - 1} "
+                         f"(num_inference_steps = {K}): the schedule would never resample")
     end = K - 1 if end is None else min(int(end), K - 1)
-    return [i + 1 for i in range(max(int(start), 0), end + 1, int(every))]
+    return [i + 1 for i in range(int(start), end + 1, int(every))]
 
 
 def potential_steps(resample_at: Iterable[int]) -> list[int]:

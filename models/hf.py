@@ -26,6 +26,14 @@ sampled ``tokens``, and the rows' pending tokens (fed by the step's first pass, 
 by it) as ``prefill_tokens``; ``next_token_logprobs`` (full recompute) one forward pass
 and every context token as ``prefill_tokens``.
 
+Context length (``lm.context_length``): the config's ``max_position_embeddings`` (or
+``n_positions`` / ``max_sequence_length`` / ``seq_length``), else the tokenizer's
+``model_max_length`` unless it is transformers' "unset" sentinel (huge), else unchecked;
+``context_length=`` overrides it. ``start`` refuses a row longer than it, a step a row
+whose context + ``max_step_tokens`` exceeds it (``ContextLengthError``), unless the model
+was built with ``truncate="left"``: such rows are then re-encoded from their last tokens
+(recorded as a forward pass and ``prefill_tokens``). ``next_token_logprobs`` likewise.
+
 Only models whose cache is a plain full-attention ``DynamicCache`` (Llama, Qwen2, Mistral
 without sliding windows, ...) take the fast path; others raise ``NotImplementedError``.
 """
@@ -41,10 +49,35 @@ import torch.nn.functional as F
 
 from ppl_scaling.ledger import record
 
-from .lm import Contexts, LanguageModel, StepRecorder, StepSample, is_identity, merge_eos, sample_tokens
+from .lm import (TRUNCATIONS, Contexts, LanguageModel, StepRecorder, StepSample, fit_context, is_identity, merge_eos,
+                 sample_tokens)
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+_UNSET_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30) (transformers' VERY_LARGE_INTEGER)
+
+
+def hf_context_length(model: Any, tokenizer: Any = None) -> int | None:
+    """The context length of a transformers model: its (text) config's position limit, else
+    the tokenizer's ``model_max_length`` when it is a real value (not the huge "unset"
+    sentinel), else None (unknown)."""
+    config = getattr(model, "config", model)
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        try:
+            configs.insert(0, config.get_text_config(decoder=True))
+        except (TypeError, ValueError, AttributeError):
+            pass
+    for cfg in configs:
+        for key in _POSITION_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_MAX_LENGTH:
+                return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_MAX_LENGTH:
+        return value
+    return None
 
 
 class KVContexts(Contexts):
@@ -148,9 +181,12 @@ def _cache_tensors(cache: Any) -> KV:
 
 
 class HFLanguageModel(LanguageModel):
-    """A transformers causal LM and its tokenizer, with a KV-cached batched step sampler."""
+    """A transformers causal LM and its tokenizer, with a KV-cached batched step sampler.
+    ``context_length``: override the model's (module docstring); ``truncate="left"``: drop the
+    oldest tokens of a row that does not fit instead of raising ``ContextLengthError``."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int | None = None,
+                 truncate: str | None = None) -> None:
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
@@ -161,13 +197,22 @@ class HFLanguageModel(LanguageModel):
         self.eos_token_id = merge_eos(tokenizer.eos_token_id,
                                       getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        if truncate not in TRUNCATIONS:
+            raise ValueError(f"truncate must be one of {TRUNCATIONS}, got {truncate!r}")
+        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                           or context_length < 1):
+            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+        self.context_length = context_length if context_length is not None else hf_context_length(model, tokenizer)
+        self.truncate = truncate
         self._delimiter_tokens: dict[str, torch.Tensor | None] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None) -> "HFLanguageModel":
+                        dtype: str | torch.dtype | None = None, *, context_length: int | None = None,
+                        truncate: str | None = None) -> "HFLanguageModel":
         """Load ``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local directory or a hub id.
-        ``dtype`` (e.g. "bfloat16") defaults to the checkpoint's own dtype."""
+        ``dtype`` (e.g. "bfloat16") defaults to the checkpoint's own dtype; ``context_length``,
+        ``truncate`` as in the constructor."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = str(name_or_path)
@@ -186,7 +231,7 @@ class HFLanguageModel(LanguageModel):
         except OSError as e:
             raise OSError(f"could not load a causal LM from {name!r}: it is not a local directory and the "
                           f"Hugging Face hub could not provide it (offline?). Original error: {e}") from e
-        return cls(model.to(device), tokenizer)
+        return cls(model.to(device), tokenizer, context_length=context_length, truncate=truncate)
 
     # -- the minimal interface ---------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -210,6 +255,7 @@ class HFLanguageModel(LanguageModel):
     @torch.no_grad()
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
         """Full recompute (no cache) of log p(next token | context) for each context."""
+        contexts, _ = fit_context(contexts, 0, self.context_length, truncate=self.truncate, who=self._who)
         ids, mask, pos = self._padded(contexts)
         record(forward_passes=1, prefill_tokens=sum(len(c) for c in contexts))
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
@@ -221,6 +267,7 @@ class HFLanguageModel(LanguageModel):
         """Encode the rows ``ids`` (all but each row's last token go into the cache)."""
         if len(ids) == 0 or any(len(r) == 0 for r in ids):
             raise ValueError("every context needs at least one token (e.g. BOS); got an empty one")
+        ids, _ = fit_context(ids, 0, self.context_length, truncate=self.truncate, who=self._who)
         pending = torch.as_tensor([r[-1] for r in ids], dtype=torch.long, device=self.device)
         prefixes = [list(r[:-1]) for r in ids]
         if max(len(p) for p in prefixes) == 0:
@@ -230,6 +277,25 @@ class HFLanguageModel(LanguageModel):
         self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         record(forward_passes=1, prefill_tokens=sum(len(p) for p in prefixes))
         return KVContexts(ids, _cache_tensors(cache), mask, pending)
+
+    @property
+    def _who(self) -> str:
+        return f"HFLanguageModel({getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__})"
+
+    def _fit(self, contexts: KVContexts, new_tokens: int) -> KVContexts:
+        """``contexts`` with room for ``new_tokens`` more tokens per row: refuse
+        (``ContextLengthError``) or, with ``truncate="left"``, re-encode the rows that do
+        not fit from their last tokens."""
+        rows, cut = fit_context(contexts.ids, new_tokens, self.context_length, truncate=self.truncate,
+                                who=self._who)
+        if not cut:
+            return contexts
+        cut_set = set(cut)
+        kept = [r for r in range(len(contexts)) if r not in cut_set]
+        fresh = self.start([rows[r] for r in cut])
+        order = np.empty(len(contexts), dtype=np.int64)
+        order[kept + cut] = np.arange(len(contexts))
+        return KVContexts.concat([contexts.take(kept), fresh]).take(order)
 
     def _may_end(self, delimiter: str) -> torch.Tensor | None:
         """Per vocabulary id: can this token complete ``delimiter``? (None: check every token.)
@@ -256,6 +322,8 @@ class HFLanguageModel(LanguageModel):
         rec = StepRecorder(self, R, step_delimiter)
         if R == 0:
             return rec.result(contexts)
+        n_iter = 1 if step_delimiter is None else max_step_tokens
+        contexts = self._fit(contexts, n_iter)
         may_end = None if step_delimiter is None else self._may_end(step_delimiter)
         cache = _as_cache(contexts.kv)
         mask, pending = contexts.mask, contexts.pending.clone()
@@ -263,7 +331,6 @@ class HFLanguageModel(LanguageModel):
         rows = torch.arange(R, device=self.device)
         live = torch.ones(R, dtype=torch.bool, device=self.device)
         parts = []  # (rows, kv, mask, pending) of rows split off the batch
-        n_iter = 1 if step_delimiter is None else max_step_tokens
         for k in range(n_iter):
             mask = torch.cat([mask, live.to(mask.dtype)[:, None]], dim=1)
             inp = torch.where(live, pending, torch.full_like(pending, self.pad_token_id))

@@ -33,6 +33,12 @@ target adds ``log_p - log_q`` to the weight (``StepModel(target="model")``).
 resampling; a backend reorders its cache rows, never re-encodes text) and
 ``Contexts.concat(parts)``. Randomness comes only from the ``torch.Generator`` passed in.
 
+**Context length.** ``lm.context_length`` is the most tokens a row may hold, context plus
+the tokens a step may add (None: unknown, not checked). A backend that knows it refuses a
+row that does not fit (context + ``max_step_tokens`` > ``context_length``) with
+``ContextLengthError``, whose message names the lengths, or, built with ``truncate="left"``,
+drops the row's oldest tokens so that it fits.
+
 **Compute.** Every backend reports its work to the ledger (``ppl_scaling.ledger.record``)
 where it happens, in the calling thread:
 
@@ -54,6 +60,44 @@ import torch
 from ppl_scaling.ledger import record, recording
 
 SEED_HIGH = 2**31 - 1  # per-request seeds, valid for vLLM and OpenAI-compatible servers
+TRUNCATIONS = (None, "left")
+
+
+class ContextLengthError(ValueError):
+    """An input does not fit a model's context window. ``length``: the tokens it needs
+    (context plus the new tokens asked for), ``limit``: the model's context length; the
+    message names both and what to change."""
+
+    def __init__(self, message: str, *, length: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.length, self.limit = length, limit
+
+
+def fit_context(rows: Sequence[Sequence[int]], new_tokens: int, limit: int | None, *,
+                truncate: str | None = None, who: str = "the model") -> tuple[list[Sequence[int]], list[int]]:
+    """Rows that fit ``limit`` (a context length; None: no check) with ``new_tokens`` more tokens
+    each. A row with len(row) + new_tokens > limit raises ``ContextLengthError`` naming the
+    lengths, or with ``truncate="left"`` keeps its last limit - new_tokens tokens. Returns the
+    rows and the indices of the truncated ones."""
+    if truncate not in TRUNCATIONS:
+        raise ValueError(f"truncate must be one of {TRUNCATIONS}, got {truncate!r}")
+    if limit is None:
+        return list(rows), []
+    out, cut = list(rows), []
+    for i, r in enumerate(rows):
+        need = len(r) + new_tokens
+        if need <= limit:
+            continue
+        room = limit - new_tokens
+        if truncate == "left" and room >= 1:
+            out[i] = r[len(r) - room:]
+            cut.append(i)
+            continue
+        hint = (f"lower max_step_tokens: {new_tokens} new tokens alone leave no room for a context" if room < 1 else
+                "shorten the prompt, lower max_step_tokens or max_steps, or build the model with truncate='left'")
+        raise ContextLengthError(f"{who}: a context of {len(r)} tokens plus {new_tokens} new tokens ({need}) "
+                                 f"exceeds the context length of {limit} tokens; {hint}", length=need, limit=limit)
+    return out, cut
 
 
 class Contexts:
@@ -173,6 +217,7 @@ class LanguageModel:
 
     eos_token_id: int | Sequence[int] | None = None
     device: str | torch.device = "cpu"
+    context_length: int | None = None  # most tokens per row (context + a step's new tokens); None: unknown
 
     # -- the minimal interface ---------------------------------------------------------
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:

@@ -15,7 +15,9 @@ paper's "model aggregation") the score of the whole completion read as one step.
 reward is a *transform* of the aggregate p, made explicit: ``log`` (log p: the potential
 is p), ``logit`` (log p/(1-p), p clipped to [1e-7, 1-1e-7] as in its_hub: the PF paper's
 weight, see ``ppl_scaling.samplers.particle_filtering.paper_tilt``), or ``p`` itself. A
-prefix with no steps yet gets reward 0.
+prefix with no steps yet gets reward 0. A step score must be a probability: a value
+outside [0, 1] (beyond float rounding, ``PROB_TOL``) or NaN raises ``PotentialError`` naming
+the step and the value, instead of becoming a reward (p = 2 would give log 2).
 
 Also here: ``OutcomeRewardModel`` (scores finished generations only), ``Verifier`` (any
 Python check of the text) and ``LLMJudge`` (log-probability that a language model answers
@@ -47,6 +49,7 @@ __all__ = [
 AGGREGATIONS = ("last", "min", "prod", "model")
 TRANSFORMS = ("log", "logit", "p")
 LOGIT_EPS = 1e-7
+PROB_TOL = 1e-6  # step scores within this of [0, 1] (float rounding of a softmax) are clipped into it
 
 
 def _partials(xs: Any, who: object) -> list[Partial]:
@@ -147,6 +150,7 @@ class ProcessRewardModel(Potential):
                 if probs.shape != (len(steps) - first,):
                     raise PotentialError(f"{self}: scorer returned {probs.shape[0] if probs.ndim else 'a scalar'} "
                                          f"scores for {len(steps) - first} new steps")
+                probs = _checked_probabilities(probs, self, prompt, first)
                 for j, p in enumerate(probs, start=first):
                     self._cache[(prompt, steps[:j + 1])] = float(p)
         return [np.array([self._cache[(prompt, steps[:j + 1])] for j in range(len(steps))]) for prompt, steps in views]
@@ -163,6 +167,18 @@ class ProcessRewardModel(Potential):
             agg = {"last": log_p[-1], "model": log_p[-1], "min": log_p.min(), "prod": log_p.sum()}[self.aggregation]
             out[i] = transform_log_p(np.array([agg]), self.transform)[0]
         return out
+
+
+def _checked_probabilities(probs: np.ndarray, who: object, prompt: str, first: int) -> np.ndarray:
+    """``probs`` clipped into [0, 1]; a NaN or a value further than ``PROB_TOL`` outside
+    raises ``PotentialError`` with the step (0-based) and the value."""
+    bad = np.isnan(probs) | (probs < -PROB_TOL) | (probs > 1.0 + PROB_TOL)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise PotentialError(f"{who}: the step scorer returned p = {float(probs[k])!r} for step {first + k} (0-based) "
+                             f"of the prompt {prompt[:60]!r}; a step score must be a probability in [0, 1] "
+                             "(a PRM's p(correct), not a logit or a log-probability)")
+    return np.clip(probs, 0.0, 1.0)
 
 
 # --- outcome rewards, verifiers, judges ------------------------------------------------

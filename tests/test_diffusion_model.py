@@ -55,6 +55,55 @@ def test_fk_schedule_maps_loop_indices_to_resampling_steps():
     np.testing.assert_allclose(out.rewards, out.particles.x[:, 0].numpy())
 
 
+def test_fk_schedule_refuses_a_schedule_that_never_resamples():
+    with pytest.raises(ValueError, match=r"start \(t_start\) = 8 is after end \(t_end\) = 3"):
+        fk_schedule(10, start=8, end=3)
+    with pytest.raises(ValueError, match="past the last scheduler step 9"):
+        fk_schedule(10, start=10)
+    with pytest.raises(ValueError, match=">= 0"):
+        fk_schedule(10, start=-1)
+    assert fk_schedule(10, start=3, end=3) == [4] and fk_schedule(10, start=9, end=50) == [10]
+    with pytest.raises(ValueError, match="after end"):
+        fk_steering(gmm_model(num_inference_steps=10), 4, potential=REWARD, resample_every=2, t_start=7, t_end=2,
+                    seed=0)
+
+
+def broken_unet(x, t):
+    """A denoiser that breaks down below timestep 500 (noisy levels are fine)."""
+    return x * float("nan") if int(t) < 500 else torch.zeros_like(x)
+
+
+def test_a_nan_denoiser_is_blamed_by_name_and_step():
+    from ppl_scaling.diffusion.process import DenoiserError
+
+    model = DiffusionModel(broken_unet, SCHED, (1,), num_inference_steps=5)
+    levels = [int(t) for t in model.process.timesteps]
+    bad = next(i for i, t in enumerate(levels) if t < 500)
+    with pytest.raises(DenoiserError, match=rf"denoiser broken_unet returned NaN/inf at level {bad} of 5 "
+                                            rf"\(scheduler timestep {levels[bad]}.*8 of 8 samples"):
+        pps.smc(Tilted(model, REWARD), 8, seed=0)       # not a PotentialError from the reward
+    assert issubclass(DenoiserError, ValueError) and not issubclass(DenoiserError, pps.PotentialError)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           layers_per_block=1, norm_num_groups=4).eval()
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("inf"))
+    model = DiffusionModel(unet, DDIMScheduler(), (1, 8, 8), num_inference_steps=3)
+    with pytest.raises(DenoiserError, match="denoiser UNet2DModel returned NaN/inf at level 0 of 3"):
+        fk_steering(model, 2, potential=rewards.brightness, seed=0)
+
+
+def test_negative_lam_is_refused_for_diffusion():
+    for lam in (-1.0, -1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"lam must be finite and >= 0"):
+            Tilted(gmm_model(), REWARD, lam=lam)
+        with pytest.raises(ValueError, match=r"lam must be finite and >= 0"):
+            fk_steering(gmm_model(intermediate="many"), 4, potential=REWARD, lam=lam, seed=0)
+    pps.smc(Tilted(gmm_model(intermediate="many"), REWARD, lam=0.0), 4, seed=0)  # lam = 0: the support only
+
+
 def test_reproducible_and_rerunnable():
     m = Tilted(gmm_model(), REWARD, lam=2.0)
     a, b = pps.smc(m, 16, seed=3), pps.smc(m, 16, seed=3)  # same model object: fresh scheduler state per run

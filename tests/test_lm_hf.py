@@ -212,3 +212,89 @@ def test_smc_run_ledger_counts_every_sampled_token(lm):
     assert res.ledger.tokens == L.tokens == sum(len(t) for t in res.particles.token_ids) > 0
     assert res.ledger.forward_passes == L.forward_passes > 0
     assert res.ledger.prefill_tokens == L.prefill_tokens >= 6
+
+
+# --- context length -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_path(tmp_path_factory):
+    """The tiny Llama with a 16-position context (RoPE: the limit changes no weight)."""
+    import json
+
+    path = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_16"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_context_length_is_read_from_config_or_tokenizer(lm, short_path):
+    from ppl_scaling.models.hf import hf_context_length
+
+    assert lm.context_length == 512                       # the config's max_position_embeddings
+    assert lm.tokenizer.model_max_length > 10**20         # the tokenizer's "unset" sentinel ...
+    assert HFLanguageModel.from_pretrained(short_path).context_length == 16
+    assert HFLanguageModel.from_pretrained(short_path, context_length=8).context_length == 8
+
+    class Cfg:  # no position limit in the config: the tokenizer's real one, never the sentinel
+        pass
+
+    class Model:
+        config = Cfg()
+
+    class Tok:
+        model_max_length = 4096
+
+    assert hf_context_length(Model(), Tok()) == 4096
+    Tok.model_max_length = int(1e30)
+    assert hf_context_length(Model(), Tok()) is None      # ... is ignored
+    Cfg.n_positions = 1024
+    assert hf_context_length(Model(), Tok()) == 1024
+    with pytest.raises(ValueError, match="truncate"):
+        HFLanguageModel.from_pretrained(short_path, truncate="right")
+    with pytest.raises(ValueError, match="context_length"):
+        HFLanguageModel.from_pretrained(short_path, context_length=0)
+
+
+def test_over_long_inputs_are_refused_with_the_lengths(short_path):
+    from ppl_scaling.models.lm import ContextLengthError
+
+    lm = HFLanguageModel.from_pretrained(short_path)
+    with pytest.raises(ContextLengthError, match=r"20 tokens.*16 tokens") as err:
+        lm.start([lm.encode("abc" * 6 + "a")])            # BOS + 19 characters
+    assert (err.value.length, err.value.limit) == (20, 16)
+    assert isinstance(err.value, ValueError)
+    ctx = lm.start([lm.encode("abcabcabc")])              # 10 tokens
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ContextLengthError, match=r"10 tokens plus 8 new tokens \(18\).*16 tokens"):
+        lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=8, generator=g)
+    s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=6, generator=g)  # 16: fits
+    assert len(s.contexts.ids[0]) <= 16
+    with pytest.raises(ContextLengthError, match="17 tokens"):
+        lm.next_token_logprobs([lm.encode("abcd" * 4)])
+    with pytest.raises(ContextLengthError, match="no room"):
+        lm.sample_steps(lm.start([[1]]), step_delimiter="\n", max_step_tokens=16, generator=g)
+    # a run that outgrows the context fails with the lengths, not deep inside the model
+    fk = StepModel(lm, "abcab", step_delimiter="\n", max_steps=8, max_step_tokens=4)
+    with pytest.raises(ContextLengthError, match="exceeds the context length of 16 tokens"):
+        smc(fk, 3, seed=0)
+
+
+def test_left_truncation_when_asked(short_path):
+    lm = HFLanguageModel.from_pretrained(short_path, truncate="left")
+    full = lm.encode("abc" * 6 + "a")                     # 20 tokens
+    ctx = lm.start([full, lm.encode("ab")])
+    assert ctx.ids[0] == tuple(full[-16:]) and ctx.ids[1] == tuple(lm.encode("ab"))
+    g = torch.Generator().manual_seed(1)
+    with recording() as L:
+        s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=5, generator=g)
+    assert s.contexts.ids[0][:11] == tuple(full[-11:])    # re-encoded from its last 16 - 5 tokens
+    assert s.contexts.ids[1][:3] == tuple(lm.encode("ab"))  # a row that fits is untouched
+    assert L.prefill_tokens >= 10                         # the re-encoding is on the ledger
+    for r, context in enumerate((full[-11:], lm.encode("ab"))):
+        assert s.log_p[r] == pytest.approx(recomputed_logprob(lm, context, s.token_ids[r]), abs=1e-4)
+    lp = lm.next_token_logprobs([full])
+    assert torch.allclose(lp, lm.next_token_logprobs([full[-16:]]))
+    # a whole run keeps going past the context, each step reading the last tokens
+    res = smc(StepModel(lm, "abcab", step_delimiter="\n", max_steps=8, max_step_tokens=4), 3, seed=0)
+    assert max(len(t) for t in res.particles.token_ids) + len(lm.encode("abcab")) > 16

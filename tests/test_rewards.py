@@ -139,6 +139,24 @@ def test_prm_contract_and_errors():
         wrong.score([ABC])
 
 
+@pytest.mark.parametrize("bad, step", [(2.0, 1), (-0.5, 0), (float("nan"), 2), (1.5, 2)])
+def test_prm_refuses_step_scores_outside_0_1(bad, step):
+    table = dict(P_STEP)
+    table[ABC.steps[step]] = bad
+    prm = ProcessRewardModel(FakeScorer(table))
+    with pytest.raises(PotentialError, match=rf"p = {bad!r} for step {step} \(0-based\).*\[0, 1\]"):
+        prm.score([ABC])
+    fn = ProcessRewardModel.from_function(lambda prompt, steps: [0.5] * (len(steps) - 1) + [bad], name="checker")
+    with pytest.raises(PotentialError, match=rf"checker.*p = {bad!r} for step 1"):
+        fn.score([Partial(Q, ("a\n", "b\n"))])
+
+
+def test_prm_clips_float_rounding_and_keeps_0_and_1():
+    prm = ProcessRewardModel(FakeScorer({"a\n": 1.0 + 1e-9, "b\n": -1e-9, "c\n": 1.0}), transform="log")
+    r = prm.score([Partial(Q, ("a\n",)), Partial(Q, ("b\n",)), Partial(Q, ("c\n",))])
+    assert r[0] == 0.0 and r[1] == -np.inf and r[2] == 0.0  # log 1 = 0 (never > 0), log 0 = -inf: rejected
+
+
 # --- tiny random Hugging Face PRMs, saved and loaded through from_pretrained ------
 
 def _tokenizer():
@@ -308,6 +326,26 @@ def test_prm_bad_inputs(tiny, tmp_path):
     prm = ProcessRewardModel.from_pretrained(tiny["token"][0])
     with pytest.raises(ValueError, match="must not contain the separator"):
         prm.score([Partial(Q, ("1<extra_0>2\n",))])
+
+
+@pytest.mark.parametrize("which", ["token", "seq"])
+def test_prm_refuses_a_prefix_longer_than_its_context(tiny, which):
+    from ppl_scaling.models.lm import ContextLengthError
+
+    prm = ProcessRewardModel.from_pretrained(tiny[which][0])
+    assert prm.scorer.context_length == 128            # the config's max_position_embeddings
+    long_step = "1+2=3\n" * 30                         # 180 characters, one token each
+    xs = [Partial(Q, ("1+2=3\n", long_step))]
+    with pytest.raises(ContextLengthError, match=r"PRM (token|seq): the prefix ending at step 1 \(0-based\) "
+                                                 r"of the prompt 'Q:1\+2\\n' is 1\d\d tokens long, over the "
+                                                 r"model's context length of 128 tokens") as err:
+        prm.score(xs)
+    assert err.value.limit == 128 and err.value.length > 128 and isinstance(err.value, ValueError)
+    short = ProcessRewardModel(HFStepScorer(prm.scorer.model, prm.scorer.tokenizer, mode=prm.scorer.mode,
+                                            context_length=8), aggregation="last")
+    with pytest.raises(ContextLengthError, match="context length of 8 tokens"):
+        short.score(XS[:1])
+    assert np.isfinite(prm.score(XS[:2])).all()         # ordinary prefixes still score
 
 
 def test_toy_prm_loads_and_scores():

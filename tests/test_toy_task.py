@@ -121,6 +121,33 @@ def test_answer_extraction():
     assert not toy.is_correct("A:28\n", 29) and not toy.is_correct("", 29)
 
 
+@pytest.mark.parametrize("text", ["\n" * 1_000_000, "A:" * 500_000, "A:\n" * 300_000, "A:-" * 300_000,
+                                  " " * 1_000_000, "A:" + "1" * 4000 + "x\n"])
+def test_answer_extraction_is_fast_on_adversarial_completions(text):
+    import time
+
+    from ppl_scaling.models.answers import extract_answer
+
+    t0 = time.perf_counter()
+    assert toy.extract_answer(text) is None
+    extract_answer(text)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_answer_extraction_of_a_huge_number_gives_none():
+    assert toy.extract_answer("A:" + "1" * 5000 + "\n") is None
+
+
+def test_toy_answers_grade_through_the_math_grader():
+    from ppl_scaling.models.answers import extract_answer, grade
+
+    for p in toy.load_split("test")[:20]:
+        completion = p.solution
+        assert grade(extract_answer(completion), str(p.answer)) == (True, False)
+        assert extract_answer(completion) == str(toy.extract_answer(completion))
+        assert not grade(extract_answer(completion), str(p.answer + 1)).correct
+
+
 # ----------------------------------------------------------------------------- tokenizer and assets
 
 

@@ -168,6 +168,36 @@ def test_step_model_uses_prefix_cache(engine, monkeypatch):
     assert isinstance(StepModel(engine, p.prompt).lm, VLLMLanguageModel)
 
 
+def test_context_length_refused_with_the_lengths_or_truncated(engine):
+    from ppl_scaling.models.lm import ContextLengthError
+
+    assert engine.context_length == engine.max_model_len == 128  # the toy's max_position_embeddings
+    long = engine.encode("12+3=15\n" * 15)[:120]
+    ctx = engine.start([long])
+    g = torch_generator(np.random.default_rng(0))
+    with pytest.raises(ContextLengthError, match=r"120 tokens plus 12 new tokens \(132\).*128 tokens") as err:
+        engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, generator=g)
+    assert (err.value.length, err.value.limit) == (132, 128)
+    s = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=8, generator=g)  # 128: fits
+    assert len(s.token_ids[0]) >= 1
+    row = engine.encode("12+3=15\n" * 17)[:128]
+    with pytest.raises(ContextLengthError, match="128 tokens plus 1 new tokens"):
+        engine.token_logprobs([row])
+    with pytest.raises(ContextLengthError, match="128 tokens plus 1 new tokens"):
+        engine.next_token_logprobs([row])
+    # truncate="left" on the same engine: the oldest tokens go, scoring reports NaN for them
+    cut = VLLMLanguageModel(llm=engine.llm, truncate="left")
+    s = cut.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, temperature=0.7, generator=g)
+    assert s.contexts.ids[0] == tuple(long) + tuple(s.token_ids[0]) and np.isfinite(s.log_p[0])
+    lps = cut.token_logprobs([row])[0]
+    assert len(lps) == len(row) - 1 and np.isnan(lps[:1]).all() and np.isfinite(lps[1:]).all()
+    np.testing.assert_allclose(lps[1:], engine.token_logprobs([row[1:]])[0], atol=1e-5)
+    np.testing.assert_allclose(cut.next_token_logprobs([row]).numpy(),
+                               engine.next_token_logprobs([row[1:]]).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="truncate"):
+        VLLMLanguageModel(llm=engine.llm, truncate="right")
+
+
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory):
     """The bundled toy PRM, or (until it is trained) a sequence classifier on the toy LM's backbone."""
@@ -205,6 +235,12 @@ def test_vllm_prm_matches_hf_and_drives_the_filter(engine, prm_dir):
     assert (L.tokens, L.forward_passes) == (0, 0)  # the policy's counters are not the PRM's
     for got, ref in zip(scores, reference(requests)):
         np.testing.assert_allclose(got, ref, atol=1e-4)
+    from ppl_scaling.models.lm import ContextLengthError
+
+    assert scorer.context_length == 128
+    with pytest.raises(ContextLengthError, match=r"prefix ending at step 1 \(0-based\).*over the engine's "
+                                                 r"max_model_len of 128 tokens"):
+        scorer([(p.prompt, (steps[0], "1+1=2\n" * 30), 0)])
     prm = ProcessRewardModel(scorer, aggregation="last", transform="log")
     fk = Tilted(StepModel(engine, p.prompt, step_delimiter="\n", max_steps=8, max_step_tokens=16,
                           stop=r"A:-?\d+\n"), prm)
