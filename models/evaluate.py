@@ -1,33 +1,59 @@
-"""Evaluation: a dataset x methods x budgets, one JSON line per run, resumable.
+"""Evaluation: a dataset x methods x budgets, one JSON line per run, resumable and checked.
 
     task = arithmetic_task(num_problems=200)                 # the bundled toy task (held-out split)
     lm, prm = load_lm(TOY_LM_PATH), load_prm(TOY_PRM_PATH)
     evaluate(task, lm, prm, methods=["particle_filtering", "best_of_n"], budgets=[1, 4, 16],
-             out="results.jsonl", seed=0)
+             out="results.jsonl", seed=0, model_name=str(TOY_LM_PATH), prm_name=str(TOY_PRM_PATH))
 
 Each (problem, method, budget) run gets its own generator, seeded from (seed,
 problem id, method, budget), so a resumed evaluation equals an uninterrupted one
-and runs can be added in any order. Rows are appended through
-``ppl_scaling.jsonl.ResultsFile`` (flushed and fsynced per row): Ctrl-C loses at most
-the run in flight and rerunning the same command skips finished runs. A row::
+and runs can be added in any order (more problems, methods or budgets extend a file).
+
+**The results file** (``ppl_scaling.jsonl.ResultsFile``) starts with a header that
+records everything that changes a result (``run_settings``): the task, a hash of the
+whole dataset's content, the seed, the backend and dtype, the model and PRM
+(name plus a fingerprint of their config / tokenizer / weights files, never an
+absolute path), the PRM's aggregation and transform, the system prompt, the grader
+and its timeout, and every field of the method configuration (temperature, step
+delimiter, max steps and tokens per step, stop rule, answer extraction, selection
+rule, ...). Resuming with other settings is refused, naming each difference, and
+the file is left untouched; so is a file that is not a results file; a second
+concurrent writer is refused by the file's lock. Rows are flushed and fsynced one
+by one: Ctrl-C or a kill loses at most the run in flight.
+
+**A row**::
 
     {"problem_id", "method", "budget", "answer", "gold", "correct",
      "tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
-     "any_correct", "frac_correct", "num_answers", "difficulty", "seed", "task", "model", "prm"}
+     "any_correct", "frac_correct", "num_answers", "grading_timeouts", "difficulty", "settings_id"}
 
-with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle. Methods are
-run by ``ppl_scaling.models.harness.run_method``.
+with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle; ``correct``
+is a bool, ``grading_timeouts`` the number of distinct candidate answers whose grading
+timed out (``answers.grade``; they count as incorrect). A run that raises (a context
+too long, degenerate weights, a server down after its retries, ...) becomes an
+**error row** instead — ``{"problem_id", "method", "budget", "gold", "correct": null,
+"error", "error_type", "error_where", ...}`` — and the evaluation goes on (Ctrl-C still
+stops it). Error rows count as done when resuming; ``retry_errors=True``
+(``--retry-errors``) reruns exactly those runs and replaces their rows atomically.
+Methods are run by ``ppl_scaling.models.harness.run_method``.
 
 Tasks: ``arithmetic`` (the bundled toy task; a JSONL dataset of toy questions works
 too) and ``math`` (a user's JSONL dataset with ``problem`` and ``answer`` per line;
-answers from ``\\boxed{}``, "A: ..." or "The answer is ..."; equivalence with
-math-verify; the prompt is the model's chat template when it has one).
-``scaling_comparison`` is the toy comparison ``make demo`` runs.
+answers from ``\\boxed{}``, "A: ..." or "The answer is ..."; graded by
+``answers.grade`` with a timeout; the prompt is the model's chat template when it has
+one). Problem ids must be unique. ``scaling_comparison`` is the toy comparison
+``make demo`` runs.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import hashlib
 import json
+import logging
 import os
+import re
+import traceback
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,17 +61,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ppl_scaling.jsonl import ResultsFile
+from ppl_scaling.jsonl import ResultsFile, clip
 from ppl_scaling.ledger import Ledger
 
 from . import toy
-from .answers import extract_answer, is_equivalent
+from .answers import grade
 from .harness import MethodConfig, needs_reward, parse_method, run_method
 
+logger = logging.getLogger(__name__)
+
 KEY = ("problem_id", "method", "budget")
-SETTINGS = ("seed", "task", "model", "prm")  # must agree between a run and its resumption
 MATH_SYSTEM_PROMPT = ("Solve the following math problem efficiently and clearly. Think step by step, "
                       "separate the steps with blank lines, and put your final answer within \\boxed{}.")
+GRADING_TIMEOUT_S = 5.0
+ERROR_CHARS = 500            # error messages in rows are cut to this length
 
 
 @dataclass(frozen=True)
@@ -58,12 +87,90 @@ class Item:
 
 @dataclass(frozen=True)
 class Task:
-    """Problems, the generation settings of the methods, and the correctness check."""
+    """Problems, the generation settings of the methods, and the correctness check.
+
+    ``correct(answer, gold)`` returns a bool or an ``answers.Grade`` (``correct``,
+    ``timed_out``). ``dataset_hash``: the content hash of the whole dataset the items
+    come from (so ``--problems`` can grow without changing the run's identity; empty:
+    the hash of ``items``); ``dataset_name``: the file's name (recorded, not compared).
+    """
 
     name: str
     items: tuple[Item, ...]
     config: MethodConfig
-    correct: Callable[[Any, str], bool]
+    correct: Callable[[Any, str], Any]
+    dataset_hash: str = ""
+    dataset_name: str = ""
+    system_prompt: str | None = None
+    grading_timeout_s: float | None = None
+
+
+# --- datasets -----------------------------------------------------------------------------
+
+def content_hash(records: Sequence[Any]) -> str:
+    """sha256 (16 hex digits) of the records' canonical JSON."""
+    text = json.dumps(list(records), sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_jsonl_records(path: str | Path, required: Sequence[str] = ("problem", "answer")) -> list[tuple[int, dict]]:
+    """The non-empty lines of a JSONL dataset as (line number, object), each with an ``id``
+    (its own, else ``line-N``). Malformed lines, missing fields and duplicate ids raise
+    ``ValueError`` naming the file and line(s); quoted lines are cut to 300 characters."""
+    p = _existing(path)
+    records: list[tuple[int, dict]] = []
+    lines_of: dict[str, list[int]] = {}
+    try:
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}): {clip(line.strip())}") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with {' and '.join(map(repr, required))}"
+                                     f", got {clip(line.strip())}")
+                for k in required:
+                    if k not in row or row[k] in (None, ""):
+                        raise ValueError(f"{path}:{lineno}: missing field {k!r}; every line needs 'problem' and "
+                                         "'answer' (the reference answer, e.g. \"42\" or \"\\\\frac{1}{2}\")")
+                ident = row.get("id")
+                ident = f"line-{lineno}" if ident is None else str(ident)
+                lines_of.setdefault(ident, []).append(lineno)
+                records.append((lineno, {**row, "id": ident}))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a JSONL dataset is UTF-8, one JSON object per line)") from None
+    dupes = {k: v for k, v in lines_of.items() if len(v) > 1}
+    if dupes:
+        shown = "; ".join(f"{clip(repr(k), 60)} on lines {_and(v)}" for k, v in list(dupes.items())[:5])
+        more = f" (and {len(dupes) - 5} more ids)" if len(dupes) > 5 else ""
+        raise ValueError(f"{path}: duplicate problem ids: {shown}{more}; every problem needs its own id "
+                         "(results are keyed by it)")
+    if not records:
+        raise ValueError(f"{path}: the dataset has no problems")
+    return records
+
+
+def _and(numbers: Sequence[int], most: int = 10) -> str:
+    """"1 and 3", "1, 3 and 7", "1, 2, ... (12 in all)"."""
+    words = [str(n) for n in numbers]
+    if len(words) > most:
+        return ", ".join(words[:most]) + f", ... ({len(words)} in all)"
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def read_dataset(path: str | Path) -> list[dict[str, Any]]:
+    """A JSONL dataset: each non-empty line an object with ``problem`` and ``answer``
+    (``id`` optional, unique); errors name the file and line."""
+    return [row for _, row in read_jsonl_records(path)]
+
+
+def _check_count(num_problems: int | None) -> None:
+    if num_problems is not None and (isinstance(num_problems, bool) or not isinstance(num_problems, (int, np.integer))
+                                     or num_problems < 1):
+        raise ValueError(f"the number of problems must be a positive integer (or None: all), got {num_problems!r}")
 
 
 # --- tasks ------------------------------------------------------------------------------
@@ -72,48 +179,63 @@ ARITHMETIC_CONFIG = MethodConfig(step_delimiter=toy.STEP_DELIMITER, max_steps=8,
                                  temperature=1.0, stop=r"A:-?\d+\n", extract=toy.extract_answer, key=int)
 
 
+def arithmetic_correct(answer: Any, gold: str) -> bool:
+    """The toy task's check: the integer answers agree."""
+    return answer is not None and int(answer) == int(gold)
+
+
+def read_arithmetic_dataset(path: str | Path) -> list[toy.Problem]:
+    """A JSONL dataset of toy questions (``problem`` "Q:24+5\\n" or "24+5", ``answer``
+    its value, ``id`` optional); errors name the file and line."""
+    problems = []
+    for lineno, row in read_jsonl_records(path):
+        try:
+            start, ops = toy.parse_question(str(row["problem"]))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {clip(str(e))}") from None
+        question = str(start) + "".join(f"{op}{b}" for op, b in ops)
+        try:
+            answer = int(str(row["answer"]).strip())
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: answer {clip(row['answer'], 80)} is not an integer") from None
+        if answer != toy.solve(question):
+            raise ValueError(f"{path}:{lineno}: answer {answer} is wrong for {question!r} "
+                             f"(its value is {toy.solve(question)})")
+        problems.append(toy.Problem(id=row["id"], question=question, answer=answer))
+    return problems
+
+
 def arithmetic_task(num_problems: int | None = None, dataset: str | Path | None = None,
                     split: str = "test") -> Task:
     """The toy arithmetic task: the first ``num_problems`` of a held-out split (mixed
     difficulties), or the questions of a JSONL ``dataset``."""
-    problems = toy.read_jsonl(_existing(dataset)) if dataset is not None else toy.load_split(split)
+    _check_count(num_problems)
+    problems = read_arithmetic_dataset(dataset) if dataset is not None else toy.load_split(split)
     items = tuple(Item(p.id, p.prompt, str(p.answer), p.difficulty) for p in problems[:num_problems])
-    return Task("arithmetic", items, ARITHMETIC_CONFIG,
-                lambda answer, gold: answer is not None and int(answer) == int(gold))
-
-
-def read_dataset(path: str | Path) -> list[dict[str, Any]]:
-    """A JSONL dataset: each non-empty line an object with ``problem`` and ``answer``
-    (``id`` optional); errors name the file and line."""
-    rows = []
-    with _existing(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'problem' and 'answer'")
-            for k in ("problem", "answer"):
-                if k not in row or row[k] in (None, ""):
-                    raise ValueError(f"{path}:{lineno}: missing field {k!r}; every line needs 'problem' and "
-                                     "'answer' (the reference answer, e.g. \"42\" or \"\\\\frac{1}{2}\")")
-            rows.append({**row, "id": str(row.get("id", f"line-{lineno}"))})
-    if not rows:
-        raise ValueError(f"{path}: the dataset has no problems")
-    return rows
+    return Task("arithmetic", items, ARITHMETIC_CONFIG, arithmetic_correct,
+                dataset_hash=content_hash([(p.id, p.question, p.answer) for p in problems]),
+                dataset_name=Path(dataset).name if dataset is not None else f"toy:{split}")
 
 
 def math_task(dataset: str | Path, lm: Any, num_problems: int | None = None,
-              system_prompt: str = MATH_SYSTEM_PROMPT, config: MethodConfig = MethodConfig()) -> Task:
+              system_prompt: str = MATH_SYSTEM_PROMPT, config: MethodConfig = MethodConfig(),
+              grading_timeout_s: float = GRADING_TIMEOUT_S) -> Task:
     """A user's math dataset for a real model: steps separated by blank lines, a particle
     stops at ``\\boxed``; the prompt is the chat template (system + user) when the
-    tokenizer has one, else the problem and a blank line."""
+    tokenizer has one, else the problem and a blank line. Answers are graded by
+    ``answers.grade`` within ``grading_timeout_s`` seconds each."""
+    _check_count(num_problems)
+    rows = read_dataset(dataset)
     items = tuple(Item(r["id"], chat_prompt(lm, str(r["problem"]), system_prompt), str(r["answer"]))
-                  for r in read_dataset(dataset)[:num_problems])
-    return Task("math", items, config, lambda answer, gold: is_equivalent(answer, gold))
+                  for r in rows[:num_problems])
+
+    def correct(answer: Any, gold: str) -> Any:
+        return grade(answer, gold, timeout_s=grading_timeout_s)
+
+    correct.__qualname__ = "math_task.grade"
+    return Task("math", items, config, correct,
+                dataset_hash=content_hash([(r["id"], str(r["problem"]), str(r["answer"])) for r in rows]),
+                dataset_name=Path(dataset).name, system_prompt=system_prompt, grading_timeout_s=grading_timeout_s)
 
 
 def chat_prompt(lm: Any, problem: str, system_prompt: str | None = MATH_SYSTEM_PROMPT) -> str:
@@ -178,6 +300,137 @@ def load_prm(path: str | Path, device: str = "cpu", dtype: str | None = None, **
     return ProcessRewardModel.from_pretrained(path, device=device, dtype=dtype, **kwargs)
 
 
+# --- run identity -------------------------------------------------------------------------
+
+NOT_RESULT_FIELDS = frozenset({"store_history"})   # MethodConfig fields that do not change a result
+_SKIP_FILE = re.compile(r"(?i)^(\..*|readme.*|.*\.md|license.*|notice.*|use_policy.*|metrics\.json|"
+                        r"trainer_state\.json|training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|rng_state.*|"
+                        r".*\.(png|jpe?g|gif|svg|lock|tmp))$")
+_FULL_HASH_BYTES = 64 << 20      # files up to this size are hashed whole
+_EDGE_BYTES = 8 << 20            # larger ones: size + first and last 8 MiB
+_BLOB = re.compile(r"^[0-9a-f]{64}$")
+
+
+def files_fingerprint(folder: str | Path) -> str:
+    """A fingerprint of a model folder: sha256 over the name, size and content hash of
+    each top-level file that can change what the model computes (config, tokenizer,
+    weights, code; not READMEs, metrics or images). Files up to 64 MiB are hashed
+    whole; larger ones by size and their first and last 8 MiB, or by the hub cache's
+    blob name (the file's sha256) when they link into a Hugging Face cache."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _SKIP_FILE.match(entry.name) or not entry.is_file():
+            continue
+        size = entry.stat().st_size
+        target = os.path.basename(os.path.realpath(entry.path))
+        if entry.is_symlink() and _BLOB.match(target):
+            digest = target
+        else:
+            fh = hashlib.sha256()
+            with open(entry.path, "rb") as f:
+                if size <= _FULL_HASH_BYTES:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        fh.update(chunk)
+                else:
+                    fh.update(f.read(_EDGE_BYTES))
+                    f.seek(size - _EDGE_BYTES)
+                    fh.update(f.read(_EDGE_BYTES))
+            digest = fh.hexdigest()
+        h.update(f"{entry.name}\t{size}\t{digest}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def model_identity(name_or_path: str | Path | None, backend: str | None = None) -> str | None:
+    """``name@fingerprint`` of a model: a local folder by its own name (not its absolute
+    path) and ``files_fingerprint``; a hub id by the id and the fingerprint of its cached
+    snapshot when there is one; a model behind a server (``backend="openai"``) by its name
+    only (``name (remote)``). None for no model."""
+    if name_or_path is None or str(name_or_path) == "":
+        return None
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return f"{path.resolve().name}@{files_fingerprint(path)}"
+    if backend == "openai":
+        return f"{name} (remote)"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return f"{name}@{files_fingerprint(snapshot_download(name, local_files_only=True))}"
+    except Exception:   # not in the local hub cache (or not a hub id): the name is all we know
+        return f"{name} (not fingerprinted)"
+
+
+def _name(value: Any) -> Any:
+    """A JSON-able, address-free description of a setting's value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_name(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _name(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, re.Pattern):
+        return f"re:{value.pattern}"
+    if hasattr(value, "func") and hasattr(value, "args"):   # functools.partial
+        return {"partial": _name(value.func), "args": _name(list(value.args)),
+                "keywords": _name(dict(getattr(value, "keywords", {}) or {}))}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '') or ''}.{value.__qualname__}".lstrip(".")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__qualname__, **{f.name: _name(getattr(value, f.name))
+                                                     for f in dataclasses.fields(value)}}
+    return type(value).__qualname__
+
+
+def config_settings(config: MethodConfig) -> dict[str, Any]:
+    """Every field of the method configuration that can change a result, JSON-able."""
+    return {f.name: _name(getattr(config, f.name)) for f in dataclasses.fields(config)
+            if f.name not in NOT_RESULT_FIELDS}
+
+
+_BACKENDS_BY_CLASS = {"HFLanguageModel": "hf", "VLLMLanguageModel": "vllm", "OpenAICompatibleLanguageModel": "openai"}
+
+
+def backend_of(lm: Any) -> str:
+    """``hf`` / ``vllm`` / ``openai`` for the bundled backends, else the model's class name."""
+    return _BACKENDS_BY_CLASS.get(type(lm).__name__, type(lm).__qualname__)
+
+
+def run_settings(task: Task, lm: Any, prm: Any, *, seed: int = 0, model_name: str | Path = "",
+                 prm_name: str | Path = "", backend: str | None = None) -> dict[str, Any]:
+    """Everything that changes a result of ``evaluate`` (what the results file's header
+    records and a resumption must match): task, dataset content, seed, backend, dtype,
+    model and PRM identities, PRM aggregation and transform, system prompt, grader, and
+    the method configuration (``config_settings``)."""
+    backend = backend or backend_of(lm)
+    inner = getattr(lm, "model", None)
+    dtype = getattr(inner, "dtype", None) if inner is not None and not isinstance(inner, str) else None
+    model = model_identity(model_name, backend)
+    settings: dict[str, Any] = {
+        "task": task.name,
+        "dataset": task.dataset_hash or content_hash([(it.id, it.prompt, it.answer) for it in task.items]),
+        "seed": int(seed),
+        "backend": backend,
+        "dtype": None if dtype is None else str(dtype),
+        "model": model if model is not None else type(lm).__name__,
+        "prm": None, "prm_aggregation": None, "prm_transform": None,
+        "system_prompt": task.system_prompt,
+        "grader": _name(task.correct),
+        "grading_timeout_s": task.grading_timeout_s,
+    }
+    if prm is not None:
+        from .harness import log_potential
+
+        name = getattr(prm, "name", None)
+        settings["prm"] = model_identity(prm_name) or (name if isinstance(name, str) and " at 0x" not in name
+                                                       else type(prm).__qualname__)
+        settings["prm_aggregation"] = getattr(prm, "aggregation", None)
+        settings["prm_transform"] = getattr(log_potential(prm), "transform", None)
+    settings.update(config_settings(task.config))
+    return settings
+
+
 # --- the evaluation loop -------------------------------------------------------------------
 
 def job_rng(seed: int, problem_id: str, method: str, budget: int) -> np.random.Generator:
@@ -186,44 +439,122 @@ def job_rng(seed: int, problem_id: str, method: str, budget: int) -> np.random.G
     return np.random.default_rng([int(seed), *words, int(budget)])
 
 
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _check_items(task: Task) -> None:
+    positions: dict[str, list[int]] = {}
+    for i, it in enumerate(task.items):
+        positions.setdefault(str(it.id), []).append(i)
+    dupes = {k: v for k, v in positions.items() if len(v) > 1}
+    if dupes:
+        shown = "; ".join(f"{clip(repr(k), 60)} at items {_and(v)}" for k, v in list(dupes.items())[:5])
+        raise ValueError(f"task {task.name!r} has duplicate problem ids: {shown}; every problem needs its own id")
+    if not task.items:
+        raise ValueError(f"task {task.name!r} has no problems")
+
+
 def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Sequence[int], out: str | Path, *,
-             seed: int = 0, model_name: str = "", prm_name: str = "", progress: bool = True) -> list[dict]:
-    """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``."""
-    methods, budgets = list(methods), [int(b) for b in budgets]
+             seed: int = 0, model_name: str | Path = "", prm_name: str | Path = "", progress: bool = True,
+             retry_errors: bool = False, backend: str | None = None) -> list[dict]:
+    """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``.
+
+    ``model_name`` / ``prm_name``: what the models were loaded from (a local folder or a
+    hub id), for their identity in the file's settings (``run_settings``). A run that
+    raises becomes an error row and the evaluation goes on; ``retry_errors`` reruns the
+    runs whose rows are error rows. Duplicate methods and budgets count once."""
+    methods = _unique(str(m) for m in methods)
     for m in methods:
         parse_method(m)  # unknown names and rules raise here, before any run
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
+    if not budgets or bad:
+        raise ValueError(f"budgets must be positive integers, got {list(budgets)}")
+    budgets = _unique(int(b) for b in budgets)
+    if not methods:
+        raise ValueError("no methods to run")
     needs = [m for m in methods if needs_reward(m)]
     if prm is None and needs:
         raise ValueError(f"methods {needs} need a reward model (--prm)")
-    if not budgets or min(budgets) < 1:
-        raise ValueError(f"budgets must be positive integers, got {budgets}")
-    settings = {"seed": int(seed), "task": task.name, "model": str(model_name), "prm": str(prm_name)}
+    _check_items(task)
+    settings = run_settings(task, lm, prm, seed=seed, model_name=model_name, prm_name=prm_name, backend=backend)
+    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "version": _version(), "dataset_file": task.dataset_name, "problems": len(task.items)}
     jobs = [{"problem_id": it.id, "method": m, "budget": b, "_item": it}
             for it in task.items for m in methods for b in budgets]
-    with ResultsFile(out, KEY) as results:
-        _check_settings(results, settings, out)
-        todo = [j for j in jobs if not results.done(j)]
+    with ResultsFile(out, KEY, settings=settings, info=info) as results:
+        if results.repaired:
+            logger.warning("%s: %s", out, results.repaired)
+        todo = []
+        for j in jobs:
+            row = results.get(j)
+            if row is None or (retry_errors and is_error_row(row)):
+                todo.append(j)
         from tqdm import tqdm
 
         for job in tqdm(todo, desc="eval", disable=not progress, unit="run"):
-            results.write(run_row(task, lm, prm, job["_item"], job["method"], job["budget"], settings))
+            item, method, budget = job["_item"], job["method"], job["budget"]
+            try:
+                row = run_row(task, lm, prm, item, method, budget, settings)
+            except Exception as e:  # noqa: BLE001 -- one failing run must not stop the others
+                row = error_row(item, method, budget, e)
+                logger.warning("run failed: problem %s, %s, budget %d: %s (an error row was written; "
+                               "rerun with --retry-errors to retry)", clip(item.id, 60), method, budget,
+                               clip(row["error"], 200))
+            if results.done(job):
+                results.replace(row)
+            else:
+                results.write(row)
         return list(results.rows)
+
+
+def is_error_row(row: dict[str, Any]) -> bool:
+    """Whether ``row`` records a failed run (an ``error`` and no ``correct`` value)."""
+    return row.get("error") is not None
+
+
+def error_row(item: Item, method: str, budget: int, error: BaseException) -> dict[str, Any]:
+    """The row of a run that raised: the message (cut to ``ERROR_CHARS``), the exception's
+    type and where it was raised (file name, line, function); no ``correct`` value."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else None
+    message = " ".join((str(error) or type(error).__name__).split())
+    return {"problem_id": item.id, "method": method, "budget": budget, "answer": None, "gold": item.answer,
+            "correct": None, "error": clip(message, ERROR_CHARS), "error_type": type(error).__name__,
+            "error_where": where, "difficulty": item.difficulty}
+
+
+def _graded(task: Task, answer: Any, gold: str) -> tuple[bool, bool]:
+    g = task.correct(answer, gold)
+    if hasattr(g, "timed_out"):
+        return bool(g.correct), bool(g.timed_out)
+    return bool(g), False
 
 
 def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
             settings: dict[str, Any]) -> dict[str, Any]:
-    """One run as a result row (its ledger as columns)."""
+    """One run as a result row (its ledger as columns). Each distinct answer is graded once."""
     rng = job_rng(settings["seed"], item.id, method, budget)
     run = run_method(method, lm, item.prompt, prm=prm, budget=budget, rng=rng, config=task.config)
-    hits = [task.correct(a, item.answer) for a in run.answers]
+    grades: dict[str, tuple[bool, bool]] = {}
+
+    def graded(answer: Any) -> bool:
+        k = repr(answer)
+        if k not in grades:
+            grades[k] = _graded(task, answer, item.answer)
+        return grades[k][0]
+
+    correct = graded(run.answer)
+    hits = [graded(a) for a in run.answers]
     return {
         "problem_id": item.id, "method": method, "budget": budget,
         "answer": None if run.answer is None else str(run.answer), "gold": item.answer,
-        "correct": bool(task.correct(run.answer, item.answer)),
+        "correct": bool(correct),
         **ledger_columns(run.ledger),
         "any_correct": bool(any(hits)), "frac_correct": float(np.mean(hits)) if hits else 0.0,
         "num_answers": len({str(a) for a in run.answers if a is not None}),
-        "difficulty": item.difficulty, **settings,
+        "grading_timeouts": sum(t for _, t in grades.values()),
+        "difficulty": item.difficulty,
     }
 
 
@@ -232,13 +563,13 @@ def ledger_columns(ledger: Ledger) -> dict[str, int | float]:
     return {k: round(float(v), 4) if k == "wall_s" else int(v) for k, v in ledger.as_dict().items()}
 
 
-def _check_settings(results: ResultsFile, settings: dict[str, Any], out: str | Path) -> None:
-    for row in results.rows[:1]:
-        diff = {k: (row.get(k), v) for k, v in settings.items() if row.get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out} holds results of other settings ({what}); rerun with the same settings "
-                             "to resume, or write to another --out")
+def _version() -> str:
+    try:
+        from ppl_scaling import __version__
+
+        return str(__version__)
+    except ImportError:
+        return ""
 
 
 # --- the bundled comparison ---------------------------------------------------------------
@@ -263,7 +594,8 @@ def scaling_comparison(out_dir: str | Path = "demo_output", *, quick: bool = Tru
     methods = methods or (QUICK_METHODS if quick else QUICK_METHODS + ("particle_gibbs",))
     task = arithmetic_task(problems)
     rows = evaluate(task, load_lm(toy.TOY_LM_PATH), load_prm(toy.TOY_PRM_PATH), methods, budgets,
-                    out_dir / "scaling.jsonl", seed=seed, model_name="toy_lm", prm_name="toy_prm", progress=progress)
+                    out_dir / "scaling.jsonl", seed=seed, model_name=toy.TOY_LM_PATH, prm_name=toy.TOY_PRM_PATH,
+                    progress=progress)
     table = accuracy_table(rows)
     text = format_table(table)
     (out_dir / "scaling.md").write_text(text + "\n")

@@ -5,25 +5,67 @@
     ppl-scaling report results.jsonl --plot scaling.png
     ppl-scaling run --prompt $'Q:24+5-4\\n' --method particle_filtering --budget 16
 
-``eval`` appends one JSON line per (problem, method, budget) and resumes when rerun;
-Ctrl-C stops it with nothing lost. ``--model`` / ``--prm`` take a local directory or
-a Hugging Face hub id (default for ``--task arithmetic``: the bundled toy LM and PRM);
-``--dataset`` a JSONL file with ``problem`` and ``answer`` per line (``--task math``
-for a real model's math problems).
+``eval`` appends one JSON line per (problem, method, budget) and resumes when rerun
+with the same settings (other settings are refused, naming what differs; so is an
+``--out`` file that is not a results file, and a second eval writing the same file);
+Ctrl-C stops it with nothing lost. A run that fails is written as an error row and
+the eval goes on; ``--retry-errors`` reruns those. ``--model`` / ``--prm`` take a local
+directory or a Hugging Face hub id (default for ``--task arithmetic``: the bundled toy
+LM and PRM); ``--dataset`` a JSONL file with ``problem`` and ``answer`` per line
+(``--task math`` for a real model's math problems).
+
+Exit codes: 0 done; 1 ``eval`` finished but some runs failed (error rows); 2 an error
+(one line on stderr, ``ppl-scaling: error: ...``; ``--debug`` adds the traceback);
+130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
+import traceback
+
+MESSAGE_CHARS = 2000   # an error message is cut to this length (--debug shows all)
 
 
-def _csv(kind):
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"ppl-scaling: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite temperature >= 0, got {text!r}")
+    return value
+
+
+def _csv(kind, what: str = "values"):
     def parse(text: str):
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return list(dict.fromkeys(values))   # duplicates count once
     return parse
 
 
@@ -39,7 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="with --backend openai: a local tokenizer (default: the server's /tokenize)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
-    p.add_argument("--temperature", type=float, default=None, help="LLM sampling temperature (default: the task's)")
+    p.add_argument("--temperature", type=_temperature, default=None, help="LLM sampling temperature (default: the task's)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="most steps per generation (default: the task's)")
+    p.add_argument("--max-step-tokens", type=_positive_int, default=None,
+                   help="most tokens per step (default: the task's; keep it below the model's context length)")
     p.add_argument("--prm-aggregation", choices=["last", "min", "prod", "model"], default="last",
                    help="how the PRM's step scores make a prefix score (default: last)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -47,31 +92,39 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppl-scaling", description="Inference-time scaling as posterior sampling.")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback")
+    parser = _Parser(prog="ppl-scaling", description="Inference-time scaling as posterior sampling.",
+                     parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run SMC on the bundled models; print summaries, save plots")
+    demo = sub.add_parser("demo", parents=[debug], help="run SMC on the bundled models; print summaries, save plots")
     demo.add_argument("--out", default="demo_output", help="folder for plots and tables (default: demo_output)")
 
-    ev = sub.add_parser("eval", help="methods x budgets on a dataset, to a resumable JSONL file")
+    ev = sub.add_parser("eval", parents=[debug], help="methods x budgets on a dataset, to a resumable JSONL file")
     _add_model_args(ev)
-    ev.add_argument("--methods", type=_csv(str), default=["particle_filtering", "best_of_n", "self_consistency"],
+    ev.add_argument("--methods", type=_csv(str, "method names"),
+                    default=["particle_filtering", "best_of_n", "self_consistency"],
                     help="comma-separated methods, each optionally name:rule (see ppl_scaling.samplers.METHODS)")
-    ev.add_argument("--budgets", type=_csv(int), default=[1, 4, 16], help="comma-separated budgets N")
-    ev.add_argument("--problems", type=int, default=None, help="use the first N problems (default: all)")
+    ev.add_argument("--budgets", type=_csv(_positive_int, "positive integers"), default=[1, 4, 16],
+                    help="comma-separated budgets N (duplicates count once)")
+    ev.add_argument("--problems", type=_positive_int, default=None, help="use the first N problems (default: all)")
     ev.add_argument("--dataset", help="JSONL file with 'problem' and 'answer' per line")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", required=True, help="results JSONL (appended; rerun to resume)")
+    ev.add_argument("--out", required=True, help="results JSONL (appended; rerun with the same settings to resume)")
+    ev.add_argument("--retry-errors", action="store_true",
+                    help="rerun the runs that failed (the error rows of --out), replacing their rows")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    rp = sub.add_parser("report", help="accuracy table and scaling plots from results JSONL")
+    rp = sub.add_parser("report", parents=[debug], help="accuracy table and scaling plots from results JSONL")
     rp.add_argument("results", help="results JSONL written by `ppl-scaling eval`")
     rp.add_argument("--plot", help="write accuracy-vs-budget and accuracy-vs-tokens plots here (PNG)")
 
-    run = sub.add_parser("run", help="one prompt: run a method and print the weighted answers")
+    run = sub.add_parser("run", parents=[debug], help="one prompt: run a method and print the weighted answers")
     _add_model_args(run)
     run.add_argument("--prompt", required=True, help="the prompt (arithmetic: 'Q:24+5-4' or '24+5-4')")
     run.add_argument("--method", default="particle_filtering")
-    run.add_argument("--budget", type=int, default=16)
+    run.add_argument("--budget", type=_positive_int, default=16)
     run.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -100,23 +153,45 @@ def _task(args, lm, num_problems=None, dataset=None):
         if dataset is None:
             raise ValueError("--task math needs --dataset FILE.jsonl")
         task = ev.math_task(dataset, lm, num_problems)
-    return ev.with_config(task, temperature=args.temperature) if args.temperature is not None else task
+    return ev.with_config(task, **_config_changes(args))
+
+
+def _config_changes(args) -> dict:
+    """The generation settings given on the command line (the others stay the task's)."""
+    given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _eval(args) -> int:
+    from .jsonl import ResultsFile
     from .models import evaluate as ev
     from .models.report import accuracy_table, format_table
 
+    if args.task == "math" and args.dataset is None:
+        raise ValueError("--task math needs --dataset FILE.jsonl")
+    from .models.harness import parse_method
+
+    for m in args.methods:
+        parse_method(m)                 # unknown methods, ...
+    if args.dataset is not None:
+        ev.read_dataset(args.dataset)   # ... a bad dataset ...
+    ResultsFile.peek(args.out, ev.KEY)  # ... and an --out that is not a results file, or busy: before the models load
     lm, prm, model, prm_path = _models(args)
     task = _task(args, lm, args.problems, args.dataset)
     try:
         rows = ev.evaluate(task, lm, prm, args.methods, args.budgets, args.out, seed=args.seed,
-                           model_name=model, prm_name=prm_path, progress=not args.no_progress)
+                           model_name=model, prm_name=prm_path, progress=not args.no_progress,
+                           retry_errors=args.retry_errors, backend=args.backend)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
               file=sys.stderr)
         return 130
     print(format_table(accuracy_table(rows)))
+    errors = sum(1 for r in rows if ev.is_error_row(r))
+    if errors:
+        print(f"ppl-scaling: {errors} of {len(rows)} runs in {args.out} failed (error rows: see their 'error' "
+              "field); rerun with --retry-errors to retry them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -137,8 +212,7 @@ def _run(args) -> int:
         from .models.evaluate import chat_prompt
 
         prompt, config = chat_prompt(lm, args.prompt), MethodConfig()
-    if args.temperature is not None:
-        config = dataclasses.replace(config, temperature=args.temperature)
+    config = dataclasses.replace(config, **_config_changes(args))
     run = run_method(args.method, lm, prompt, prm=prm, budget=args.budget,
                      rng=np.random.default_rng(args.seed), config=config)
     print(f"{args.method}, budget {args.budget}: answer {run.answer}")
@@ -150,23 +224,66 @@ def _run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+class _StderrHandler(logging.Handler):
+    """Warnings of the library (a failed run, a repaired file) as lines on the current stderr."""
 
-        run_demo(args.out)
-        return 0
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"ppl-scaling: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, OSError, LookupError)):
+        message = f"{type(error).__name__}: {message}"
+    if len(message) > MESSAGE_CHARS:
+        message = message[:MESSAGE_CHARS] + " ... (cut; --debug shows all)"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    debug = getattr(args, "debug", False)
+    log = logging.getLogger("ppl_scaling")
+    handler = _StderrHandler(logging.WARNING)
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out)
+            return 0
         if args.command == "report":
             from .models.report import report
 
             print(report(args.results, args.plot))
             return 0
         return _eval(args) if args.command == "eval" else _run(args)
-    except (ValueError, OSError) as e:  # bad input: say what and stop, no traceback
-        print(f"ppl-scaling {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("ppl-scaling: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # the reader went away (`ppl-scaling report r.jsonl | head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as e:  # noqa: BLE001 -- every error: one line, no traceback (unless --debug)
+        if debug:
+            traceback.print_exc()
+        print(f"ppl-scaling: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 if __name__ == "__main__":

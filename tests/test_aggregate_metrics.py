@@ -34,16 +34,26 @@ def test_pass_at_k_matches_the_combinatorial_definition():
 
 def test_results_file_resumes_and_drops_a_truncated_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    with ResultsFile(path, key=("id", "method")) as out:
+    with ResultsFile(path, key=("id", "method"), settings={"seed": 0}) as out:
         out.write({"id": 1, "method": "a", "correct": True})
         out.write({"id": 2, "method": "a", "correct": False})
+        with pytest.raises(ValueError, match="already holds a row"):
+            out.write({"id": 2, "method": "a", "correct": True})
     with open(path, "a") as fh:
         fh.write('{"id": 3, "meth')  # killed mid-write
-    again = ResultsFile(path, key=("id", "method"))
+    again = ResultsFile(path, key=("id", "method"), settings={"seed": 0})
+    assert again.repaired and "incomplete last record" in again.repaired
     assert again.done({"id": 2, "method": "a"}) and not again.done({"id": 3, "method": "a"})
     again.write({"id": 3, "method": "a", "correct": True})
+    again.replace({"id": 1, "method": "a", "correct": False})
     again.close()
-    assert [r["id"] for r in ResultsFile(path, key=("id", "method")).rows] == [1, 2, 3]
-    path.write_text('{"id": 1, "method": "a"}\nnot json\n{"id": 2, "method": "a"}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+    reread = ResultsFile(path, key=("id", "method"))
+    assert [(r["id"], r["correct"]) for r in reread.rows] == [(1, False), (2, False), (3, True)]
+    assert reread.settings == {"seed": 0} and all(r["settings_id"] == reread.settings_id for r in reread.rows)
+    reread.close()
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], "not json", lines[2]]) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="r.jsonl'?:3: not a valid JSON record"):
         ResultsFile(path, key=("id", "method"))
+    assert path.read_bytes() == before

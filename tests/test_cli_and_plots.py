@@ -27,3 +27,26 @@ def test_plots_need_history_and_draw_on_given_axes():
     with pytest.raises(ValueError, match="store_history"):
         plots.plot_genealogy(pps.smc(model.bootstrap(y), 30, seed=0))
     plt.close("all")
+
+
+def test_scaling_plot_and_report_keep_settings_and_errors_apart(tmp_path):
+    import json
+
+    from ppl_scaling.models.report import plot_scaling, read_results, report
+
+    def row(pid, budget, correct, sid, **kw):
+        return {"problem_id": pid, "method": "best_of_n", "budget": budget, "correct": correct, "tokens": 8 * budget,
+                "settings_id": sid, **kw}
+    lines = [{"ppl_scaling_results": 1, "settings_id": "s1", "settings": {"temperature": 1.0}},
+             row("a", 1, True, "s1"), row("b", 1, False, "s1"), row("a", 4, True, "s1"),
+             row("b", 4, None, "s1", error="context too long"),
+             {"ppl_scaling_results": 1, "settings_id": "s2", "settings": {"temperature": 0.5}},
+             row("a", 1, False, "s2"), row("a", 4, None, "s2", error="server down")]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    axes = plot_scaling(read_results(path).rows, tmp_path / "scaling.png")
+    labels = sorted(h.get_label() for h in axes[0].get_legend_handles_labels()[0])
+    assert labels == ["best_of_n [1]", "best_of_n [2]"] and (tmp_path / "scaling.png").stat().st_size > 1000
+    text = report(path)
+    assert "| best_of_n | 0.500 ± 0.354 | 1.000 ± 0.000 (1 err) |" in text
+    assert "| best_of_n | 0.000 ± 0.000 | — (1 err) |" in text   # a cell whose every run failed

@@ -24,7 +24,21 @@ FIELDS = {"problem_id", "method", "budget", "answer", "gold", "correct", "tokens
 
 
 def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The result rows of a results file (its first line is the settings header)."""
+    header, *rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "ppl_scaling_results" in header and isinstance(header["settings"], dict)
+    return rows
+
+
+def error_of(err: str) -> str:
+    """The one error line of a failed command (other stderr lines are progress bars of the model loaders)."""
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("ppl-scaling: error: ")]
+    assert err.rstrip("\n").endswith(line)
+    return line
+
+
+def header_of(path: Path) -> dict:
+    return json.loads(path.read_text().splitlines()[0])
 
 
 def test_eval_writes_one_row_per_run_and_resumes(tmp_path, capsys):
@@ -45,8 +59,13 @@ def test_eval_writes_one_row_per_run_and_resumes(tmp_path, capsys):
     before = out.read_text()
     assert main(args + MODELS) == 0          # nothing left to do: the file is unchanged
     assert out.read_text() == before
-    assert main(args + ["--seed", "1"] + MODELS) == 2   # other settings: refused
-    assert "other settings" in capsys.readouterr().err
+    assert main(args + ["--seed", "1"] + MODELS) == 2   # other settings: refused, the file untouched
+    err = error_of(capsys.readouterr().err)
+    assert "other settings" in err and "seed: 0 in the file, 1 now" in err
+    assert out.read_text() == before
+    settings = header_of(out)["settings"]
+    assert settings["seed"] == 0 and settings["task"] == "arithmetic" and settings["temperature"] == 1.0
+    assert settings["model"].startswith("toy_lm@") and "/" not in settings["model"]   # no absolute path
 
     assert main(["report", str(out), "--plot", str(tmp_path / "scaling.png")]) == 0
     text = capsys.readouterr().out
@@ -62,7 +81,7 @@ def test_sigint_loses_nothing_and_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and \
-            (not out.exists() or len(out.read_text().splitlines()) < 2):
+            (not out.exists() or len(out.read_text().splitlines()) < 3):   # the header and 2 rows
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -95,16 +114,22 @@ def test_user_dataset_errors_and_missing_model(tmp_path, capsys):
                  "--model", str(tmp_path / "no_such_model")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppl-scaling: error: ") and err.count("\n") == 1 and "missing.jsonl" in err
 
 
 def test_math_task_with_a_user_dataset_and_the_run_command(tmp_path, capsys):
     data = tmp_path / "math.jsonl"
     data.write_text('{"id": "a", "problem": "Q:3+4", "answer": "7"}\n')
     out = tmp_path / "r.jsonl"
-    assert main(["eval", "--task", "math", "--dataset", str(data), "--methods", "self_consistency",
-                 "--budgets", "2", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH)]) == 0
+    assert main(["eval", "--task", "math", "--dataset", str(data), "--methods", "self_consistency", "--budgets", "2",
+                 "--max-step-tokens", "24", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH)]) == 0
     (row,) = rows_of(out)
-    assert row["problem_id"] == "a" and row["task"] == "math" and row["tokens"] > 0
+    assert row["problem_id"] == "a" and row["tokens"] > 0 and isinstance(row["correct"], bool)
+    assert row["grading_timeouts"] == 0
+    settings = header_of(out)["settings"]
+    assert settings["task"] == "math" and settings["system_prompt"] and settings["grading_timeout_s"] == 5.0
+    assert settings["max_step_tokens"] == 24
 
     assert main(["run", "--prompt", "24+5-4", "--budget", "4", "--method", "particle_filtering", *MODELS]) == 0
     text = capsys.readouterr().out
