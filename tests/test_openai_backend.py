@@ -6,6 +6,7 @@ The servers (two replicas of the toy LM, started together; ~1-2 min) need vllm
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from ppl_scaling.ledger import recording
+from ppl_scaling.models.lm import ContextLengthError
 from ppl_scaling.models.openai_backend import OpenAICompatibleLanguageModel, ServerError
 from ppl_scaling.rng import torch_generator
 
@@ -62,6 +64,28 @@ def test_bad_request_carries_the_server_message(servers):
     lm = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY)
     with pytest.raises(ServerError, match="HTTP 400"):
         lm.client.post("/completions", {"model": "toy", "prompt": [1, 2], "max_tokens": -3})
+
+
+@needs_vllm
+def test_the_served_context_length_is_read_and_enforced(servers):
+    """vLLM's /v1/models reports max_model_len (128 for the toy LM): an over-long request is
+    refused before it is sent; with truncate="left" it is sent without its oldest tokens,
+    and the echo scores of what was sent are those of the truncated row."""
+    lm = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY)
+    assert lm.context_length == 128 and "max_model_len reported by" in lm.context_source
+    gen = torch_generator(np.random.default_rng(0))
+    row = (lm.encode(toy_problems(1)[0].prompt) * 20)[:140]
+    with pytest.raises(ContextLengthError, match=r"a context of 120 tokens plus 12 new tokens \(132\) exceeds the "
+                                                 r"context length of 128 tokens"):
+        lm.sample_steps(lm.start([row[:120]]), step_delimiter="\n", max_step_tokens=12, generator=gen)
+    cut = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY, truncate="left")
+    s = cut.sample_steps(cut.start([row]), step_delimiter="\n", max_step_tokens=12, generator=gen)
+    assert 1 <= len(s.token_ids[0]) <= 12 and list(s.contexts.ids[0][:140]) == row
+    full, kept = cut.token_logprobs([row])[0], cut.token_logprobs([row[-127:]])[0]
+    assert full.shape == (139,) and np.isnan(full[:13]).all()
+    np.testing.assert_allclose(full[13:], kept, atol=1e-5)
+    for m in (lm, cut):
+        m.close()
 
 
 @needs_vllm
@@ -136,7 +160,8 @@ def test_eval_cli_spreads_a_dataset_evaluation_over_replicas(servers, tmp_path):
     for s in servers:
         argv += ["--base-url", s.url]
     assert main(argv) == 0
-    assert len(out.read_text().splitlines()) == 2
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len([r for r in records if "problem_id" in r]) == 2  # the result rows (beside the file's header)
 
 
 @needs_vllm
