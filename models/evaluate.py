@@ -288,8 +288,9 @@ def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None, *, 
             raise ValueError("--backend openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         from .openai_backend import OpenAICompatibleLanguageModel
 
-        return OpenAICompatibleLanguageModel(list(base_urls), str(path), api_key=os.environ.get("OPENAI_API_KEY"),
-                                             tokenizer=tokenizer, max_concurrency=max_concurrency, timeout=timeout)
+        # the API key: OPENAI_API_KEY, read by the backend for https replicas only
+        return OpenAICompatibleLanguageModel(list(base_urls), str(path), tokenizer=tokenizer,
+                                             max_concurrency=max_concurrency, timeout=timeout)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
