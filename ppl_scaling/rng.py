@@ -7,6 +7,9 @@ a whole run and no code touches global RNG state.
     rng = as_generator(seed=0)
     g = torch_generator(rng)          # torch.Generator seeded from rng
     key = jax_key(rng)                # jax.random key seeded from rng
+
+JAX is optional (``pip install "ppl-scaling[jax]"``): it is imported only when a JAX
+function is called, never by ``import ppl_scaling``.
 """
 from __future__ import annotations
 
@@ -44,10 +47,24 @@ def torch_generator(rng: np.random.Generator, device: str = "cpu"):
     return g
 
 
-def jax_key(rng: np.random.Generator):
-    """A JAX PRNG key seeded from ``rng``."""
-    import jax
+JAX_INSTALL_HINT = 'pip install "ppl-scaling[jax]"'
 
+
+def import_jax(feature: str, module: str = "jax"):
+    """Import ``module`` (``jax`` or a submodule) for ``feature``; JAX is an optional extra,
+    so a missing install raises ``ImportError`` naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{feature} needs JAX, which is an optional extra of ppl-scaling: "
+                          f"{JAX_INSTALL_HINT} (or pip install jax). ({e})") from e
+
+
+def jax_key(rng: np.random.Generator):
+    """A JAX PRNG key seeded from ``rng`` (needs the ``jax`` extra)."""
+    jax = import_jax("ppl_scaling.rng.jax_key")
     return jax.random.key(derive_seed(rng) % (2**32))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import exact
 from .fk import FeynmanKac
+from .rng import import_jax
 
 _LOG_2PI = float(np.log(2 * np.pi))
 
@@ -54,7 +55,7 @@ def _array_module(backend: str):
 
         return torch, lambda v: torch.as_tensor(v, dtype=torch.float64)
     if backend == "jax":
-        import jax.numpy as jnp
+        jnp = import_jax('LinearGaussian.bootstrap(backend="jax")', "jax.numpy")
 
         return jnp, lambda v: jnp.asarray(v, dtype=jnp.float64)
     raise ValueError(f"backend must be 'numpy', 'torch' or 'jax', got {backend!r}")
@@ -63,9 +64,10 @@ def _array_module(backend: str):
 class LinearGaussianBootstrap(FeynmanKac):
     """Bootstrap filter: M = the state transition, G_t = N(y_t; x_t, sigma_y²).
 
-    ``backend`` picks the array type of the particles (numpy, torch or JAX; JAX
-    needs ``jax.enable_x64`` for float64). Noise always comes from the numpy
-    ``rng``, so every backend gives the same result for the same seed.
+    ``backend`` picks the array type of the particles (numpy, torch or JAX; JAX is the
+    optional extra ``pip install "ppl-scaling[jax]"`` and needs ``jax.enable_x64`` for
+    float64). Noise always comes from the numpy ``rng``, so every backend gives the
+    same result for the same seed.
     """
 
     def __init__(self, model: LinearGaussian, y: np.ndarray, backend: str = "numpy") -> None:
