@@ -84,6 +84,11 @@ class LinearGaussianBootstrap(FeynmanKac):
         s = self.model.sigma_y
         return -0.5 * ((self.y[t] - x) / s) ** 2 - np.log(s) - 0.5 * _LOG_2PI
 
+    def logpt(self, t, xp, x):
+        """log N(x; a xp, sigma_x²): the density of M (ancestor and backward sampling)."""
+        s = self.model.sigma_x
+        return -0.5 * ((x - self.model.a * xp) / s) ** 2 - np.log(s) - 0.5 * _LOG_2PI
+
 
 @dataclass(frozen=True)
 class DiscreteHMM:
