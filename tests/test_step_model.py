@@ -269,7 +269,7 @@ def test_logpt_is_the_step_log_probability_of_the_proposal():
     """StepModel.logpt: log q_τ of the one-step extension (from the bigram table), -inf for a
     state that does not extend the parent, 0 for a finished parent kept as it is."""
     gen = StepModel(BigramLM(), "^", step_delimiter=None, max_steps=3, temperature=0.7)
-    x1 = gen.M0(6, np.random.default_rng(0))
+    x1 = gen.M0(6, np.random.default_rng(4))
     x2 = gen.M(1, x1, np.random.default_rng(1))
     q = BIGRAM ** (1 / 0.7)
     q = q / q.sum(1, keepdims=True)
