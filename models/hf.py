@@ -39,6 +39,8 @@ without sliding windows, ...) take the fast path; others raise ``NotImplementedE
 """
 from __future__ import annotations
 
+import inspect
+
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -193,6 +195,8 @@ class HFLanguageModel(LanguageModel):
             raise NotImplementedError(f"{type(model).__name__} uses attention layers {sorted(kinds)}; "
                                       "HFLanguageModel supports full attention only")
         self.model, self.tokenizer = model.eval(), tokenizer
+        # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated there)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = next(model.parameters()).device
         self.eos_token_id = merge_eos(tokenizer.eos_token_id,
                                       getattr(getattr(model, "generation_config", None), "eos_token_id", None))
@@ -274,7 +278,7 @@ class HFLanguageModel(LanguageModel):
             return KVContexts(ids, None, torch.zeros((len(ids), 0), dtype=torch.long, device=self.device), pending)
         inp, mask, pos = self._padded(prefixes)
         cache = _as_cache(None)
-        self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_arg: cache})
         record(forward_passes=1, prefill_tokens=sum(len(p) for p in prefixes))
         return KVContexts(ids, _cache_tensors(cache), mask, pending)
 
@@ -335,7 +339,7 @@ class HFLanguageModel(LanguageModel):
             mask = torch.cat([mask, live.to(mask.dtype)[:, None]], dim=1)
             inp = torch.where(live, pending, torch.full_like(pending, self.pad_token_id))
             logits = self.model(input_ids=inp[:, None], attention_mask=mask, position_ids=pos[:, None],
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                use_cache=True, **{self.cache_arg: cache}).logits[:, -1]
             record(forward_passes=1, prefill_tokens=R if k == 0 else 0)  # k = 0 feeds the pending tokens
             li = live.nonzero().squeeze(1)
             tok, log_q, log_p = sample_tokens(logits[li], temperature, generator)

@@ -127,7 +127,7 @@ def test_same_seed_same_result_and_no_global_rng_use(lingauss):
 
 
 def test_numpy_torch_and_jax_states_agree(lingauss):
-    import jax
+    jax = pytest.importorskip("jax", reason='the jax extra: pip install "ppl-scaling[jax]"')
 
     model, y = lingauss
     ref = pps.smc(model.bootstrap(y, backend="numpy"), 200, seed=9)
