@@ -30,6 +30,14 @@ The dynamics (t = 0 .. max_steps - 1):
 A delimiter the model never produces makes every step ``max_step_tokens`` tokens long;
 generation then ends at ``max_steps`` (or EOS).
 
+**Twisted proposals** (``twist=ψ``, one token per step: ``step_delimiter=None``): every
+token is drawn from q_ψ(v | x) ∝ q_τ(v | x) ψ(x v) over the vocabulary instead of q_τ, and
+logG_t gains the proposal correction log L(x) - log ψ(x v), L(x) = Σ_v q_τ(v | x) ψ(x v),
+so the target above is unchanged. With ψ = the tilt's potential φ (shape "difference") the
+step's weight is log L(x) - log φ(x): constant for the exact value function, never -inf for
+a hard constraint. See ``ppl_scaling.models.twist`` (token scores of potentials,
+``CharClass``); twisted steps read ``lm.next_token_logprobs`` on whole rows (no KV cache).
+
 The state (``StepState``) is columnar: per-particle steps, tokens, flags and log-probs,
 plus the language model's ``Contexts`` rows (KV cache) of the unfinished particles
 only; ``take`` reorders them for resampling, finished particles hold none.
@@ -44,9 +52,11 @@ from typing import Any
 import numpy as np
 
 from ppl_scaling.fk import Dynamics
+from ppl_scaling.ledger import record, recording
 from ppl_scaling.rng import torch_generator
 
-from .lm import Contexts, LanguageModel
+from .lm import Contexts, LanguageModel, StepRecorder, StepSample
+from .twist import as_twist, sample_twisted_tokens, token_log_potential, token_pieces
 from .types import Partial
 
 TARGETS = ("tempered", "model")
@@ -64,6 +74,7 @@ class StepState:
     log_p: np.ndarray           # (N,) log p of the generation under the model
     log_q: np.ndarray           # (N,) log q_τ of the generation under the sampling distribution
     contexts: Contexts
+    log_r: np.ndarray | None = None  # (N,) twisted proposals: log q_τ - log q_ψ of each particle's latest step
 
     @property
     def num_particles(self) -> int:
@@ -83,7 +94,7 @@ class StepState:
         alive = idx[~self.finished[idx]]
         return StepState(self.prompt, tuple(self.steps[i] for i in idx), tuple(self.token_ids[i] for i in idx),
                          self.finished[idx], self.log_p[idx], self.log_q[idx],
-                         self.contexts.take(self._rows()[alive]))
+                         self.contexts.take(self._rows()[alive]), None if self.log_r is None else self.log_r[idx])
 
     def where(self, mask: np.ndarray, other: StepState) -> StepState:
         """Particle i from ``self`` where ``mask[i]``, else from ``other``."""
@@ -101,9 +112,13 @@ class StepState:
                 return tuple(u if m else v for m, u, v in zip(mask, a, b))
             return np.where(mask, a, b)
 
+        log_r = None
+        if self.log_r is not None or other.log_r is not None:
+            zeros = np.zeros(len(mask))
+            log_r = pick(zeros if self.log_r is None else self.log_r, zeros if other.log_r is None else other.log_r)
         return StepState(self.prompt, pick(self.steps, other.steps), pick(self.token_ids, other.token_ids),
                          pick(self.finished, other.finished), pick(self.log_p, other.log_p),
-                         pick(self.log_q, other.log_q), contexts)
+                         pick(self.log_q, other.log_q), contexts, log_r)
 
     def partials(self) -> list[Partial]:
         return [Partial(self.prompt, s, bool(f)) for s, f in zip(self.steps, self.finished)]
@@ -119,11 +134,14 @@ class StepModel(Dynamics):
     ``stop``: a regular expression searched in the completion, or a predicate on it,
     that ends a particle (e.g. the final-answer line). ``target``: "tempered" (the
     generation's own weight is 1: target q_τ) or "model" (weight p / q_τ per step: target p).
+    ``twist``: a potential (or anything with ``next_token_log_potential``) whose token scores
+    ψ(x v) twist the proposal (module docstring); needs ``step_delimiter=None``.
     """
 
     def __init__(self, lm: LanguageModel, prompt: str, *, step_delimiter: str | None = "\n\n",
                  max_steps: int = 40, max_step_tokens: int = 256, temperature: float = 1.0,
-                 stop: str | Callable[[str], bool] | None = None, target: str = "tempered") -> None:
+                 stop: str | Callable[[str], bool] | None = None, target: str = "tempered",
+                 twist: Any = None) -> None:
         if not isinstance(prompt, str) or prompt == "":
             raise ValueError("StepModel needs a non-empty prompt string; for unconditional generation "
                              "pass the model's BOS text (or any start text) as the prompt")
@@ -138,6 +156,11 @@ class StepModel(Dynamics):
                              "a deterministic (greedy) proposal gives resampled copies no diversity")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if twist is not None and step_delimiter is not None:
+            raise NotImplementedError("twisted proposals are implemented for one token per step only; "
+                                      "pass step_delimiter=None with twist=...")
+        self.twist = None if twist is None else as_twist(twist)
+        self._pieces: list[str] | None = None
         self.prompt_ids = list(lm.encode(prompt))
         if not self.prompt_ids:
             raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
@@ -150,26 +173,36 @@ class StepModel(Dynamics):
 
     def __repr__(self) -> str:
         return (f"StepModel({type(self.lm).__name__}, prompt={self.prompt[:40]!r}, max_steps={self.T}, "
-                f"temperature={self.temperature:g}, target={self.target!r})")
+                f"temperature={self.temperature:g}, target={self.target!r}"
+                + ("" if self.twist is None else f", twist={self.twist!r}") + ")")
 
     # -- the dynamics ------------------------------------------------------------------
     def M0(self, N: int, rng: np.random.Generator) -> StepState:
         if self._prompt_contexts is None:  # the prompt is encoded once, shared by every run
-            self._prompt_contexts = self.lm.start([self.prompt_ids])
+            # twisted steps read whole rows through next_token_logprobs: plain rows, no cache
+            self._prompt_contexts = (Contexts([self.prompt_ids]) if self.twist is not None
+                                     else self.lm.start([self.prompt_ids]))
         zeros = np.zeros(N)
         x = StepState(self.prompt, ((),) * N, ((),) * N, np.zeros(N, dtype=bool), zeros, zeros,
-                      self._prompt_contexts.take(np.zeros(N, dtype=np.int64)))
+                      self._prompt_contexts.take(np.zeros(N, dtype=np.int64)),
+                      None if self.twist is None else zeros)
         return self._advance(0, x, rng)
 
     def M(self, t: int, xp: StepState, rng: np.random.Generator) -> StepState:
         return self._advance(t, xp, rng)
 
     def logG(self, t: int, xp: StepState | None, x: StepState) -> np.ndarray:
-        """0 (target="tempered"), or log p(step_t) - log q_τ(step_t) (target="model")."""
+        """0 (target="tempered"), or log p(step_t) - log q_τ(step_t) (target="model"); plus, with a
+        twist, the proposal correction log q_τ(step_t) - log q_ψ(step_t)."""
         if self.target == "tempered":
-            return np.zeros(x.num_particles)
-        own = x.log_p - x.log_q
-        return own if xp is None else own - (xp.log_p - xp.log_q)
+            own = np.zeros(x.num_particles)
+        else:
+            own = x.log_p - x.log_q
+            own = own if xp is None else own - (xp.log_p - xp.log_q)
+        if x.log_r is not None:
+            moved = np.ones(x.num_particles, bool) if xp is None else ~xp.finished
+            own = own + np.where(moved, x.log_r, 0.0)
+        return own
 
     def done(self, t: int, x: StepState) -> np.ndarray:
         return x.finished.copy()
@@ -184,6 +217,8 @@ class StepModel(Dynamics):
                 out[i] = 0.0 if new == prev else -np.inf
             elif len(x.steps[i]) == len(xp.steps[i]) + 1 and new[:len(prev)] == prev:
                 out[i] = x.log_q[i] - xp.log_q[i]
+                if x.log_r is not None and np.isfinite(x.log_r[i]):  # the twisted proposal's density
+                    out[i] -= x.log_r[i]
         return out
 
     def view(self, t: int, x: StepState) -> list[Partial]:
@@ -200,9 +235,16 @@ class StepModel(Dynamics):
         act = np.flatnonzero(~xp.finished)
         if act.size == 0:
             return xp
+        if self.twist is not None:
+            s, log_r = self._sample_twisted(t, xp, act, rng)
+            return self._extend(t, xp, act, s, log_r)
         s = self.lm.sample_steps(xp.contexts, step_delimiter=self.step_delimiter,
                                  max_step_tokens=self.max_step_tokens, temperature=self.temperature,
                                  generator=torch_generator(rng, str(self.lm.device)))
+        return self._extend(t, xp, act, s)
+
+    def _extend(self, t: int, xp: StepState, act: np.ndarray, s: StepSample,
+                log_r: np.ndarray | None = None) -> StepState:
         if self.target == "model" and np.isnan(s.log_p).any():
             raise ValueError(f"{type(self.lm).__name__} did not report the model's log-probabilities "
                              "(log_p is NaN), which target='model' needs; use target='tempered'")
@@ -219,5 +261,40 @@ class StepModel(Dynamics):
         finished[act] = fin
         log_p[act] += s.log_p
         log_q[act] += s.log_q
+        r = None
+        if log_r is not None:
+            r = np.zeros(xp.num_particles)
+            r[act] = log_r
         return StepState(self.prompt, tuple(steps), tuple(token_ids), finished, log_p, log_q,
-                         s.contexts.take(np.flatnonzero(~fin)))
+                         s.contexts.take(np.flatnonzero(~fin)), r)
+
+    def _sample_twisted(self, t: int, xp: StepState, act: np.ndarray,
+                        rng: np.random.Generator) -> tuple[StepSample, np.ndarray]:
+        """One token for each unfinished particle from q_ψ ∝ q_τ ψ; returns the step and
+        log q_τ - log q_ψ of each new token."""
+        rows = [list(r) for r in xp.contexts.ids]
+        with recording() as own:
+            logprobs = self.lm.next_token_logprobs(rows)
+        if own.forward_passes == 0:  # a custom LM that records nothing: one call, whole rows read
+            record(forward_passes=1, prefill_tokens=sum(len(r) for r in rows))
+        V = int(logprobs.shape[-1])
+        if self._pieces is None or len(self._pieces) != V:
+            self._pieces = token_pieces(self.lm, V)
+        pieces = self._pieces
+        eos = np.zeros(V, dtype=bool)
+        eos[[v for v in self.lm.eos_token_ids if v < V]] = True
+        if t >= self.T - 1:
+            finished = np.ones((act.size, V), dtype=bool)
+        else:
+            finished = np.tile(eos, (act.size, 1))
+            if self.stop is not None:
+                for j, i in enumerate(act):
+                    done = "".join(xp.steps[i])
+                    finished[j] |= [bool(self.stop(done + s)) for s in pieces]
+        partials = [Partial(self.prompt, xp.steps[i], False) for i in act]
+        log_psi = token_log_potential(self.twist, partials, pieces, finished)
+        gen = torch_generator(rng, str(getattr(logprobs, "device", self.lm.device)))
+        tok, log_q, log_p, log_r = sample_twisted_tokens(logprobs, log_psi, self.temperature, gen)
+        rec = StepRecorder(self.lm, act.size, None)
+        rec.add(np.arange(act.size), tok, log_q, log_p)
+        return rec.result(xp.contexts.extend(rec.ids)), log_r.cpu().numpy()
