@@ -25,11 +25,20 @@ by one: Ctrl-C or a kill loses at most the run in flight.
 
     {"problem_id", "method", "budget", "answer", "gold", "correct",
      "tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
-     "any_correct", "frac_correct", "num_answers", "grading_timeouts", "difficulty", "settings_id"}
+     "any_correct", "frac_correct", "num_answers", "grading_timeouts",
+     "log_evidence", "final_ess", "resamplings", "fallback", "pass_at_k", "difficulty", "settings_id"}
 
 with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle; ``correct``
 is a bool, ``grading_timeouts`` the number of distinct candidate answers whose grading
-timed out (``answers.grade``; they count as incorrect). A run that raises (a context
+timed out (``answers.grade``; they count as incorrect). ``log_evidence`` (log Z; null where the
+method has none: the search methods, whose weights are scores, and the Markov chains), ``final_ess`` and ``resamplings`` (the
+number of selection steps) are the SMC diagnostics of the run; ``fallback`` names the
+method a preset ran in place of its own on a budget too small for it (particle Gibbs
+with N < 4, parallel tempering with N < 4 K: ``"particle_filtering"``), else null.
+``pass_at_k`` is {rule: {k: bool or null}} for ``PASS_AT_K_RULES`` (Best-of-N: the top-k
+distinct answers by reward, majority: by frequency, Best-of-Majority) and k in
+``PASS_AT_K`` up to the number of candidates: whether one of the rule's k submissions from
+this run's candidates is correct (null for reward rules without a reward model). A run that raises (a context
 too long, degenerate weights, a server down after its retries, ...) becomes an
 **error row** instead — ``{"problem_id", "method", "budget", "gold", "correct": null,
 "error", "error_type", "error_where", ...}`` — and the evaluation goes on (Ctrl-C still
@@ -61,6 +70,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ppl_scaling.aggregate import pass_at_k_rules
 from ppl_scaling.jsonl import ResultsFile, clip
 from ppl_scaling.ledger import Ledger
 
@@ -75,6 +85,8 @@ MATH_SYSTEM_PROMPT = ("Solve the following math problem efficiently and clearly.
                       "separate the steps with blank lines, and put your final answer within \\boxed{}.")
 GRADING_TIMEOUT_S = 5.0
 ERROR_CHARS = 500            # error messages in rows are cut to this length
+PASS_AT_K = (1, 2, 4, 8)     # the k of the rows' pass_at_k (those up to the number of candidates)
+PASS_AT_K_RULES = ("argmax_reward", "majority_vote", "best_of_majority")
 
 
 @dataclass(frozen=True)
@@ -555,8 +567,30 @@ def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
         "any_correct": bool(any(hits)), "frac_correct": float(np.mean(hits)) if hits else 0.0,
         "num_answers": len({str(a) for a in run.answers if a is not None}),
         "grading_timeouts": sum(t for _, t in grades.values()),
+        **diagnostic_columns(run.result),
+        "pass_at_k": pass_at_k_column(run, hits),
         "difficulty": item.difficulty,
     }
+
+
+def _finite(x: Any, digits: int = 6) -> float | None:
+    x = float(x)
+    return round(x, digits) if np.isfinite(x) else None
+
+
+def diagnostic_columns(result: Any) -> dict[str, Any]:
+    """log Z (null when not finite: search methods), final ESS, number of resamplings, fallback."""
+    return {"log_evidence": _finite(result.log_evidence), "final_ess": _finite(result.final_ess, 4),
+            "resamplings": int(np.sum(result.resampled)), "fallback": result.info.get("fallback")}
+
+
+def pass_at_k_column(run: Any, hits: Sequence[bool]) -> dict[str, dict[str, bool | None]]:
+    """{rule: {str(k): correct among the rule's top-k}} over this run's candidates."""
+    ks = [k for k in PASS_AT_K if k <= len(run.answers)] or [1]
+    min_share = float(run.result.info.get("min_share", 0.2))
+    table = pass_at_k_rules(run.answers, hits, run.result.rewards, ks, min_share=min_share, key=run.key,
+                            rules=PASS_AT_K_RULES)
+    return {rule: {str(k): v for k, v in by_k.items()} for rule, by_k in table.items()}
 
 
 def ledger_columns(ledger: Ledger) -> dict[str, int | float]:

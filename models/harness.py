@@ -27,6 +27,16 @@ What ``run_method`` does:
    PRM score log p(x) of every candidate becomes ``result.rewards`` (read from the cache,
    after the ledger is closed, so it costs the method nothing);
 6. the answer is ``result.select(answers, rule, key=config.key)``.
+
+The presets that need a minimum budget (``particle_gibbs``: N >= 4, ``parallel_tempering``:
+N >= 4 K) refuse smaller ones when called directly; ``run_method`` (an evaluation sweeps
+budgets) passes ``allow_fallback=True`` unless told otherwise, so they run the PF paper's
+filter instead and say so in ``result.info["fallback"]`` (and ``evaluate`` in the row).
+
+``run.to_arviz()`` (or ``llm_posterior_fields(run)`` passed to
+``ppl_scaling.arviz_export.to_arviz(results, extra=...)``) adds the candidates' ``answer``,
+``reward`` and ``length`` (generated tokens) to the ArviZ posterior group; ``run_method``
+keeps them in ``result.info["posterior_fields"]``, so ``run.result.to_arviz()`` has them too.
 """
 from __future__ import annotations
 
@@ -46,11 +56,13 @@ from .answers import extract_answer, normalize_answer
 from .step import StepModel
 
 __all__ = ["MethodConfig", "MethodRun", "run_method", "parse_method", "needs_reward", "method_options",
-           "log_potential", "answer_key", "LLM_METHODS", "WITHOUT_REWARD", "REWARD_RULES"]
+           "log_potential", "answer_key", "llm_posterior_fields", "LLM_METHODS", "WITHOUT_REWARD",
+           "REWARD_RULES", "FALLBACK_METHODS"]
 
 LLM_METHODS = frozenset(METHODS) - DIFFUSION_METHODS
 WITHOUT_REWARD = frozenset({"self_consistency"})   # methods that run without a reward model
 REWARD_RULES = frozenset({"best_of_majority", "argmax_reward"})   # answer rules that read rewards
+FALLBACK_METHODS = frozenset({"particle_gibbs", "parallel_tempering"})   # presets with a minimum budget
 
 
 def answer_key(answer: Any) -> Hashable:
@@ -113,6 +125,28 @@ class MethodRun:
         """Distinct answers (grouped by ``key``) with their total weight, heaviest first."""
         return self.result.weighted_answers(self.answers, key=self.key)
 
+    def to_arviz(self):
+        """The run's ``SMCResult`` in ArviZ, with the candidates' answers, rewards and lengths
+        in the posterior group (``llm_posterior_fields``)."""
+        from ppl_scaling.arviz_export import to_arviz
+
+        return to_arviz([self.result], extra=[llm_posterior_fields(self)])
+
+
+def llm_posterior_fields(run: MethodRun) -> dict[str, np.ndarray]:
+    """Per-candidate arrays for the ArviZ posterior of an LLM run: ``answer`` (strings, ""
+    for none), ``reward`` (the final PRM log p; NaN without a reward model) and ``length``
+    (generated tokens)."""
+    n = run.result.num_particles
+    rewards = run.result.rewards
+    lengths = getattr(run.result.particles, "num_tokens", None)
+    return {
+        "answer": np.array(["" if a is None else str(a) for a in run.answers], dtype=str).reshape(n),
+        "reward": np.full(n, np.nan) if rewards is None else np.asarray(rewards, dtype=np.float64),
+        "length": (np.array([len(c) for c in run.completions]) if lengths is None
+                   else np.asarray(lengths, dtype=np.int64)),
+    }
+
 
 def parse_method(method: str) -> tuple[str, str | None]:
     """``"name"`` or ``"name:rule"`` -> (name, rule or None); unknown names / rules raise ValueError."""
@@ -131,10 +165,14 @@ def needs_reward(method: str) -> bool:
     return parse_method(method)[0] not in WITHOUT_REWARD
 
 
-def method_options(name: str, config: MethodConfig) -> dict[str, Any]:
-    """The settings of ``config`` that method ``name`` takes (those its signature names)."""
+def method_options(name: str, config: MethodConfig, *, allow_fallback: bool = False) -> dict[str, Any]:
+    """The settings of ``config`` that method ``name`` takes (those its signature names);
+    ``allow_fallback`` lets the presets of ``FALLBACK_METHODS`` run the PF paper's filter
+    on budgets too small for them (else they refuse)."""
     options: dict[str, Any] = {"softmax_temperature": config.softmax_temperature, "beam_width": config.beam_width,
                                "store_history": config.store_history}
+    if allow_fallback and name in FALLBACK_METHODS:
+        options["allow_fallback"] = True
     if name == "particle_filtering_adaptive":
         options["lam"] = 1.0 / config.softmax_temperature
     elif name == "particle_gibbs":
@@ -152,8 +190,11 @@ def log_potential(prm: Any) -> Potential:
 
 
 def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: int,
-               rng: np.random.Generator, config: MethodConfig = MethodConfig()) -> MethodRun:
-    """Run ``method`` ("name" or "name:rule") with budget N = ``budget`` on ``prompt`` (module docstring)."""
+               rng: np.random.Generator, config: MethodConfig = MethodConfig(),
+               allow_fallback: bool = True) -> MethodRun:
+    """Run ``method`` ("name" or "name:rule") with budget N = ``budget`` on ``prompt`` (module docstring).
+    ``allow_fallback=False``: presets refuse budgets too small for them instead of running
+    the PF paper's filter (``result.info["fallback"]``)."""
     name, rule = parse_method(method)
     rule = rule or config.selection
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
@@ -167,7 +208,7 @@ def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: in
     model = config.step_model(lm, prompt)
     with recording() as spent:
         result = METHODS[name](model, int(budget), potential=None if name in WITHOUT_REWARD else potential,
-                               rng=rng, **method_options(name, config))
+                               rng=rng, **method_options(name, config, allow_fallback=allow_fallback))
     result = replace(result, ledger=spent)
     partials = result.particles.partials()
     completions = [p.completion for p in partials]
@@ -176,4 +217,6 @@ def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: in
         # cached for every method that scored the candidates during the run
         result = replace(result, rewards=potential.score(partials, np.ones(len(partials), dtype=bool)))
     answer = result.select(answers, rule, key=config.key)
-    return MethodRun(method, int(budget), result, completions, answers, answer, config.key)
+    run = MethodRun(method, int(budget), result, completions, answers, answer, config.key)
+    fields = llm_posterior_fields(run)   # so that run.result.to_arviz() shows the candidates
+    return replace(run, result=replace(result, info={**result.info, "posterior_fields": fields}))

@@ -4,7 +4,7 @@
     table = accuracy_table(results.rows)      # {(method, budget): Cell(accuracy, se, n, errors, ...)}
     print(format_table(table))                # markdown: methods x budgets, "acc ± se"
     plot_scaling(results.rows, "scaling.png") # accuracy vs budget, accuracy vs generated tokens
-    print(report("results.jsonl"))            # all of it, one section per settings
+    print(report("results.jsonl"))            # all of it, one section per settings (+ pass@k of each rule)
 
 **Rows are checked** (``row_problem``): a row is a JSON object with ``problem_id``,
 ``method``, ``budget`` (a positive integer) and either ``correct`` (true or false, never
@@ -40,7 +40,7 @@ from ppl_scaling.jsonl import clip, is_header
 
 GROUP = "_group"   # not a column of the file: the settings group of a row read by ``read_results``
 NUMBERS = ("tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
-           "frac_correct", "num_answers", "grading_timeouts")
+           "frac_correct", "num_answers", "grading_timeouts", "final_ess", "resamplings")
 LEGACY_SETTINGS = ("task", "seed", "model", "prm")
 SUMMARY = ("task", "dataset", "model", "prm", "seed", "temperature")   # the settings a report's heading names
 
@@ -259,6 +259,40 @@ def format_table(table: dict[tuple[str, int], Cell], what: str = "accuracy") -> 
     return "\n".join(lines)
 
 
+PASS_RULE_NAMES = {"argmax_reward": "BoN", "majority_vote": "majority", "best_of_majority": "BoM"}
+
+
+def pass_at_k_table(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], dict[tuple[str, int], tuple[float, int]]]:
+    """{(method, budget): {(rule, k): (mean pass@k, problems)}} over the graded rows of one
+    settings group that record ``pass_at_k`` (rules without a value in a row are skipped)."""
+    acc: dict[tuple[str, int], dict[tuple[str, int], list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        table = r.get("pass_at_k")
+        if r.get("error") is not None or not isinstance(table, dict):
+            continue
+        for rule, by_k in table.items():
+            if not isinstance(by_k, dict):
+                continue
+            for k, v in by_k.items():
+                if isinstance(v, bool) and str(k).isdigit():
+                    acc[(r["method"], int(r["budget"]))][(str(rule), int(k))].append(v)
+    return {cell: {rk: (float(np.mean(vs)), len(vs)) for rk, vs in by_rule.items()} for cell, by_rule in acc.items()}
+
+
+def format_pass_at_k(table: dict[tuple[str, int], dict[tuple[str, int], tuple[float, int]]]) -> str:
+    """Markdown table: (method, budget) x (rule, k), the mean pass@k over problems."""
+    cols = sorted({rk for by in table.values() for rk in by},
+                  key=lambda rk: (list(PASS_RULE_NAMES).index(rk[0]) if rk[0] in PASS_RULE_NAMES else 99, rk[0], rk[1]))
+    lines = ["| method | N | " + " | ".join(f"{PASS_RULE_NAMES.get(r, r)} pass@{k}" for r, k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for (m, b) in sorted(table, key=lambda mb: (list(dict.fromkeys(x for x, _ in table)).index(mb[0]), mb[1])):
+        by = table[(m, b)]
+        lines.append(f"| {m} | {b} | " + " | ".join(f"{by[rk][0]:.3f}" if rk in by else "" for rk in cols) + " |")
+    lines.append("\npass@k of each answer rule from each run's candidates (BoN: top-k distinct answers by "
+                 "reward, majority: by frequency, BoM: Best-of-Majority); means over problems.")
+    return "\n".join(lines)
+
+
 def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path | None = None, axes: Any = None) -> Any:
     """Two panels: accuracy vs budget N and accuracy vs mean generated tokens per problem
     (log-scale x, ± one standard error). Rows of several settings are drawn as separate
@@ -337,6 +371,14 @@ def report(path: str | Path, plot: str | Path | None = None) -> str:
     for gi, (g, rows) in enumerate(groups.items(), 1):
         table = accuracy_table(rows)
         section = [format_table(table), format_table(table, "tokens"), format_table(table, "wall_s")]
+        fell = sorted({(r["method"], int(r["budget"]), str(r["fallback"])) for r in rows
+                       if r.get("error") is None and r.get("fallback")})
+        if fell:
+            section.append("note: budgets too small for the method ran a fallback instead (see the rows' "
+                           "'fallback'): " + ", ".join(f"{m} at N={b} ran {f}" for m, b, f in fell))
+        passes = pass_at_k_table(rows)
+        if passes:
+            section.append(format_pass_at_k(passes))
         section.insert(0, f"## [{gi}] {_heading(g, res.groups.get(g), differing)}" if len(groups) > 1
                        else f"## {_heading(g, res.groups.get(g), differing)}")
         parts.extend(section)

@@ -5,7 +5,13 @@ Layout (one ``chain`` per independent SMC run, one ``draw`` per particle):
 - ``posterior``: the final particles, *weighted* (not resampled). Each array in
   the state becomes a variable with dims (chain, draw, *event dims*): a dict
   state keeps its keys, a bare array is called ``x``, a tuple gives ``x0, x1, ...``.
-  States that are not arrays (token sequences, objects) are left out.
+  States that are not arrays (token sequences, objects) are left out; a state with
+  an ``arviz_fields()`` method (e.g. an LLM step state: answers, rewards, lengths)
+  adds the per-particle arrays it returns, and ``extra`` (one dict of per-particle
+  arrays per run, e.g. ``ppl_scaling.models.harness.llm_posterior_fields(run)``) adds
+  more (it wins over a state's field of the same name), after those a result keeps in
+  ``info["posterior_fields"]`` (the LLM harness puts the candidates' answers, rewards
+  and lengths there). A result with final ``rewards`` gets a ``reward`` variable.
 - ``sample_stats``: ``log_weight`` (chain, draw), the unnormalised final
   log-weights, and ``log_marginal_likelihood`` (chain). ``attrs["weighted"] = True``.
   Weighted summaries need these weights (``arviz`` functions that accept
@@ -55,8 +61,27 @@ def _pad(rows: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def to_arviz(results: Sequence[Any]):
-    """One ArviZ object from one or more ``SMCResult`` (independent runs = chains)."""
+def _posterior_fields(result: Any, extra: Any) -> dict[str, np.ndarray]:
+    fields = _state_arrays(result.particles)
+    hook = getattr(result.particles, "arviz_fields", None)
+    if callable(hook):
+        fields.update({str(k): np.asarray(v) for k, v in hook().items()})
+    if getattr(result, "rewards", None) is not None:
+        fields.setdefault("reward", np.asarray(result.rewards, dtype=np.float64))
+    fields.update({str(k): np.asarray(v) for k, v in (result.info.get("posterior_fields") or {}).items()})
+    if extra:
+        fields.update({str(k): np.asarray(v) for k, v in extra.items()})
+    n = result.num_particles
+    for name, arr in fields.items():
+        if arr.ndim == 0 or arr.shape[0] != n:
+            raise ValueError(f"posterior field {name!r} has shape {arr.shape}; it needs one entry per particle ({n})")
+    return fields
+
+
+def to_arviz(results: Sequence[Any], extra: Sequence[dict[str, Any] | None] | dict[str, Any] | None = None):
+    """One ArviZ object from one or more ``SMCResult`` (independent runs = chains).
+    ``extra``: per-particle arrays for the posterior group, one dict per run (a single
+    dict for a single run)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az
@@ -65,9 +90,18 @@ def to_arviz(results: Sequence[Any]):
     results = list(results)
     if not results:
         raise ValueError("to_arviz needs at least one result")
-    per_run = [_state_arrays(r.particles) for r in results]
+    if extra is None or isinstance(extra, dict):
+        extra = [extra] * len(results) if len(results) == 1 or extra is None else None
+        if extra is None:
+            raise ValueError("extra must hold one dict per run (a single dict only for a single run)")
+    extra = list(extra)
+    if len(extra) != len(results):
+        raise ValueError(f"got {len(extra)} extra dicts for {len(results)} runs")
+    per_run = [_posterior_fields(r, e) for r, e in zip(results, extra)]
     posterior = {}
     for name in per_run[0]:
+        if any(name not in p for p in per_run):
+            continue
         stacked = np.stack([p[name] for p in per_run])
         dims = ["chain", "draw"] + [f"{name}_dim_{i}" for i in range(stacked.ndim - 2)]
         posterior[name] = (dims, stacked)

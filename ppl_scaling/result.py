@@ -111,14 +111,24 @@ class SMCResult:
 
     # -- answer views -------------------------------------------------------------------
     def select(self, answers: Sequence[Any], rule: str | None = None, *,
-               key: Callable[[Any], Hashable] | None = None, min_share: float = 0.2) -> Any:
+               key: Callable[[Any], Hashable] | None = None, min_share: float | None = None,
+               k: int | None = None) -> Any:
         """The final answer by ``rule`` (default: the method's own, ``info["selection_rule"]``,
         else ``argmax_weight``) from the particles' ``answers`` (None = no answer).
-        ``argmax_reward`` picks the answer of the particle with the highest final reward."""
+        ``argmax_reward`` picks the answer of the particle with the highest final reward.
+        ``min_share``: Best-of-Majority's frequency threshold (default ``info["min_share"]``,
+        else 0.2). With ``k``, the list of up to ``k`` distinct submissions, best first
+        (``aggregate.top_k``: rules ``argmax_reward``, ``majority_vote``, ``best_of_majority``)."""
         rule = rule or self.info.get("selection_rule", "argmax_weight")
         if len(answers) != self.num_particles:
             raise ValueError(f"got {len(answers)} answers for {self.num_particles} particles")
+        if min_share is None:
+            min_share = float(self.info.get("min_share", 0.2))
         kw = {} if key is None else {"key": key}
+        if k is not None:
+            if rule not in aggregate.TOP_K_RULES:
+                raise ValueError(f"k submissions need a rule of {list(aggregate.TOP_K_RULES)}, got {rule!r}")
+            return aggregate.top_k(rule, answers, self._scores(), k, min_share=min_share, **kw)
         if rule == "argmax_weight":
             return aggregate.argmax_weight(answers, self.log_weights)
         if rule == "argmax_reward":
@@ -179,8 +189,10 @@ class SMCResult:
         return (f"SMCResult(num_particles={self.num_particles}, steps={len(self.ess)}, "
                 f"log_evidence={self.log_evidence:.4f}, final_ess={self.final_ess:.1f})")
 
-    def to_arviz(self):
-        """Export to ArviZ; see ``ppl_scaling.arviz_export.to_arviz`` for the layout."""
+    def to_arviz(self, extra: dict[str, Any] | None = None):
+        """Export to ArviZ; see ``ppl_scaling.arviz_export.to_arviz`` for the layout. ``extra``:
+        per-particle arrays for the posterior group (LLM runs: answers, rewards, lengths,
+        ``ppl_scaling.models.harness.llm_posterior_fields``)."""
         from .arviz_export import to_arviz
 
-        return to_arviz([self])
+        return to_arviz([self], extra=[extra])

@@ -8,7 +8,7 @@ samples / beams (N generations' worth of work).
 
     file                     methods
     particle_filtering.py    particle_filtering (PF-paper preset), particle_filtering_adaptive
-    best_of_n.py             best_of_n, weighted_best_of_n, self_consistency
+    best_of_n.py             best_of_n, weighted_best_of_n, self_consistency, best_of_majority
     beam.py                  beam_search, dvts
     importance.py            importance_sampling (any FK model)
     particle_gibbs.py        particle_gibbs (PF-paper preset pg_paper; conditional SMC)
@@ -27,7 +27,7 @@ from . import parallel_tempering as _parallel_tempering
 from . import particle_filtering as _particle_filtering
 from . import particle_gibbs as _particle_gibbs
 from .beam import beam_search, dvts
-from .best_of_n import best_of_n, self_consistency, weighted_best_of_n
+from .best_of_n import best_of_majority, best_of_n, self_consistency, weighted_best_of_n
 from .fk_steering import fk_steering
 from .importance import importance_sampling
 from .noise_search import random_search, search_over_paths, zero_order_search
@@ -44,6 +44,6 @@ METHODS = {**_particle_filtering.METHODS, **_best_of_n.METHODS, **_beam.METHODS,
 DIFFUSION_METHODS = frozenset({**_fk_steering.METHODS, **_svdd.METHODS, **_noise_search.METHODS})
 
 __all__ = ["METHODS", "DIFFUSION_METHODS", "importance_sampling", "particle_filtering", "pf_paper", "paper_tilt", "best_of_n",
-           "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "pg_paper",
+           "best_of_majority", "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_gibbs", "pg_paper",
            "ConditionalSMC", "draw_trajectory", "stack_paths", "parallel_tempering", "pt_paper", "TemperedFK",
            "path_log_potential", "fk_steering", "svdd", "random_search", "zero_order_search", "search_over_paths"]

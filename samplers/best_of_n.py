@@ -8,6 +8,10 @@ r(x) = log phi(x); the methods differ in how they pick the answer:
     weighted_best_of_n   the answer with the largest total weight Σ phi(x) (for a PRM read
                          as p: the sum of its scores, Li et al. 2023's weighted vote)
     self_consistency     the most frequent answer (Wang et al. 2023); no potential
+    best_of_majority     Best-of-Majority (Di et al. 2025): among the answers with at least
+                         ``min_share`` of the N samples, the one with the highest reward
+                         (``aggregate.best_of_majority``; ``res.select(answers, k=k)`` for
+                         k submissions)
 
     res = best_of_n(model, 16, potential=prm, seed=0)
     res.rewards, res.select(answers)
@@ -22,15 +26,16 @@ from ppl_scaling.result import SMCResult
 from ppl_scaling.smc import smc
 from ppl_scaling.tilt import Tilted
 
-__all__ = ["best_of_n", "weighted_best_of_n", "self_consistency", "METHODS"]
+__all__ = ["best_of_n", "weighted_best_of_n", "self_consistency", "best_of_majority", "METHODS"]
 
 
 def _sample(method: str, rule: str, model: Any, num_particles: int, potential: Any, lam: float,
-            seed: int | None, rng: np.random.Generator | None, store_history: bool, progress: bool) -> SMCResult:
+            seed: int | None, rng: np.random.Generator | None, store_history: bool, progress: bool,
+            **info: Any) -> SMCResult:
     fk = model if potential is None else Tilted(model, potential, lam=lam, at=())
     res = smc(fk, num_particles, ess_threshold=0.0, seed=seed, rng=rng, store_history=store_history,
               progress=progress)
-    return res.for_method(method, rule)
+    return res.for_method(method, rule, **info)
 
 
 def best_of_n(model: Any, num_particles: int, *, potential: Any, lam: float = 1.0, seed: int | None = None,
@@ -57,4 +62,17 @@ def self_consistency(model: Any, num_particles: int, *, potential: Any = None, s
                    store_history, progress)
 
 
-METHODS = {"best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "self_consistency": self_consistency}
+def best_of_majority(model: Any, num_particles: int, *, potential: Any, min_share: float = 0.2, lam: float = 1.0,
+                     seed: int | None = None, rng: np.random.Generator | None = None,
+                     store_history: bool = False, progress: bool = False) -> SMCResult:
+    """``num_particles`` samples scored by the final reward; Best-of-Majority: the answer with
+    the highest reward among those with at least ``min_share`` of the samples (the frequency
+    threshold, kept in ``info["min_share"]`` for ``select``)."""
+    if not 0.0 <= float(min_share) <= 1.0:
+        raise ValueError(f"min_share (the frequency threshold) must be in [0, 1], got {min_share!r}")
+    return _sample("best_of_majority", "best_of_majority", model, num_particles, potential, lam, seed, rng,
+                   store_history, progress, min_share=float(min_share))
+
+
+METHODS = {"best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "self_consistency": self_consistency,
+           "best_of_majority": best_of_majority}

@@ -150,17 +150,28 @@ def parallel_tempering(fk: Any, lams: Sequence[float], num_particles: int, num_i
 def pt_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generator | None = None,
              seed: int | None = None, softmax_temperature: float = 1.0,
              lams: Sequence[float] = (1.0, 0.5, 0.25), sweeps: int = 2, aggregation: str | None = None,
-             selection_rule: str = "argmax_reward", progress: bool = False) -> SMCResult:
+             selection_rule: str = "argmax_reward", allow_fallback: bool = False,
+             progress: bool = False) -> SMCResult:
     """Parallel tempering with chains at lam_k times the PF paper's weighting (``paper_tilt``):
     budget N = K chains x S sweeps x N // (K S) particles, S = min(sweeps, N // (2K)) sweeps
     per chain, the initial plain SMC run included. The answer is the lam_0 = 1 chain's last
-    sweep's particle with the highest final reward. S < 2 (N < 4K) runs the PF paper's
-    filter with all N particles instead, recorded in ``info["fallback"]``."""
+    sweep's particle with the highest final reward. ``potential``: any potential (a PRM is
+    re-read as logit p). S < 2 (N < 4K, 12 for the 3 default chains) is refused unless
+    ``allow_fallback=True``, which runs the PF paper's filter with all N particles instead,
+    recorded in ``info["fallback"]``."""
     if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 1:
         raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
     K = len(lams)
     S = min(int(sweeps), budget // (2 * K))
     if S < 2:
+        if not allow_fallback:
+            raise ValueError(
+                f"parallel tempering (pt_paper) with budget N={budget}, {K} chains and sweeps={sweeps} would not "
+                "swap between sweeps, i.e. plain particle filtering: "
+                + (f"the smallest budget for parallel tempering with {K} chains is N={4 * K} "
+                   f"({K} chains x 2 sweeps x 2 particles); " if sweeps >= 2 else "use sweeps >= 2; ")
+                + "use the method 'particle_filtering' (pf_paper) for this budget, or pass allow_fallback=True "
+                  "to run it in place of parallel tempering (recorded in info['fallback'])")
         res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
                        aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
         return res.for_method("parallel_tempering", selection_rule, fallback="particle_filtering", sweeps=1)

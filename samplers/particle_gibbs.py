@@ -190,17 +190,28 @@ def particle_gibbs(fk: Any, num_particles: int, num_iterations: int, *, ancestor
 def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generator | None = None,
              seed: int | None = None, softmax_temperature: float = 1.0, sweeps: int = 4,
              aggregation: str | None = None, selection_rule: str = "argmax_reward",
-             progress: bool = False) -> SMCResult:
+             allow_fallback: bool = False, progress: bool = False) -> SMCResult:
     """Particle Gibbs with the PF paper's weighting (``paper_tilt``): budget N = S sweeps of
     N // S particles, S = max(1, min(sweeps, N // 2)) (the paper's 4 x 16 = 64); the first
     sweep plain SMC, the other S - 1 conditional on a reference path, with ancestor sampling
     when the model has a transition density (``StepModel`` does). The answer is the last
-    sweep's particle with the highest final reward. N < 4 (S = 1) runs the PF paper's filter
-    with all N particles instead, recorded in ``info["fallback"]``."""
+    sweep's particle with the highest final reward. ``potential``: any potential (a PRM is
+    re-read as logit p). N < 4 (S = 1) is refused (it would be plain particle filtering)
+    unless ``allow_fallback=True``, which runs the PF paper's filter with all N particles
+    instead, recorded in ``info["fallback"]``."""
     if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 1:
         raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
     S = max(1, min(int(sweeps), budget // 2))
     if S == 1:
+        if not allow_fallback:
+            smallest = 4 if sweeps > 1 else None
+            raise ValueError(
+                f"particle Gibbs (pg_paper) with budget N={budget} and sweeps={sweeps} would run a single sweep, "
+                "i.e. plain particle filtering: "
+                + (f"the smallest budget for particle Gibbs is N={smallest} (2 sweeps of 2 particles); "
+                   if smallest else "use sweeps >= 2; ")
+                + "use the method 'particle_filtering' (pf_paper) for this budget, or pass allow_fallback=True "
+                  "to run it in place of particle Gibbs (recorded in info['fallback'])")
         res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
                        aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
         return res.for_method("particle_gibbs", selection_rule, fallback="particle_filtering", sweeps=1)

@@ -144,3 +144,44 @@ def test_scaling_comparison_writes_table_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").exists() and "self_consistency" in (tmp_path / "scaling.md").read_text()
     assert set(accuracy_table(load_rows(tmp_path / "scaling.jsonl"))) == {
         (m, b) for m in ("self_consistency", "best_of_n") for b in (1, 2)}
+
+
+def test_rows_record_diagnostics_fallback_and_pass_at_k_of_every_rule(tmp_path, capsys):
+    """`eval --methods best_of_majority` works; every row has log Z (null for search methods),
+    the final ESS, the resamplings, a fallback (PG on N = 2) and pass@k of BoN / majority / BoM,
+    consistent with the row's own candidates; `report` shows the pass@k table."""
+    dataset = toy.write_jsonl(toy.load_split("test")[:2], tmp_path / "toy.jsonl")
+    out = tmp_path / "results.jsonl"
+    args = ["eval", "--task", "arithmetic", "--dataset", str(dataset), "--methods",
+            "best_of_majority,particle_filtering,particle_gibbs,beam_search,self_consistency", "--budgets", "2,4",
+            "--out", str(out), "--no-progress"]
+    assert main(args + MODELS) == 0
+    rows = rows_of(out)
+    assert len(rows) == 2 * 5 * 2 and not any(r.get("error") for r in rows)
+    for r in rows:
+        assert {"log_evidence", "final_ess", "resamplings", "fallback", "pass_at_k"} <= set(r)
+        assert 0 < r["final_ess"] <= r["budget"] and isinstance(r["resamplings"], int) and r["resamplings"] >= 0
+        if r["method"] == "beam_search" or (r["method"] == "particle_gibbs" and r["fallback"] is None):
+            assert r["log_evidence"] is None   # a search, a Markov chain: no evidence (NaN written as null)
+        else:
+            assert isinstance(r["log_evidence"], float)
+        if r["method"] in ("best_of_majority", "self_consistency"):
+            assert r["resamplings"] == 0
+        assert r["fallback"] == ("particle_filtering" if r["method"] == "particle_gibbs" and r["budget"] < 4 else None)
+        p = r["pass_at_k"]
+        assert set(p) == {"argmax_reward", "majority_vote", "best_of_majority"}
+        ks = {"1", "2"} | ({"4"} if r["budget"] == 4 and r["method"] != "particle_gibbs" else set())
+        assert all(set(by_k) == ks for by_k in p.values())   # k up to the number of candidates (PG: N // sweeps)
+        if r["method"] == "self_consistency":
+            assert p["argmax_reward"]["1"] is None and p["best_of_majority"]["1"] is None
+        for rule, by_k in p.items():
+            done = [v for _, v in sorted(by_k.items(), key=lambda kv: int(kv[0])) if v is not None]
+            assert done == sorted(done) and (not done or done[-1] <= r["any_correct"])   # monotone in k
+        if r["method"] == "best_of_majority":
+            assert p["best_of_majority"]["1"] == r["correct"]   # its own answer is the rule's first submission
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "BoN pass@1" in text and "BoM pass@2" in text and "majority pass@4" in text
+    assert "| best_of_majority | 2 |" in text
+    assert "particle_gibbs at N=2 ran particle_filtering" in text and "at N=4" not in text

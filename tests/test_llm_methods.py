@@ -17,9 +17,9 @@ from ppl_scaling.samplers import METHODS
 from llm_fixtures import exact_prm, random_prm, toy_lm
 
 PROBLEM = toy.load_split("test")[3]
-SAMPLING = ("best_of_n", "weighted_best_of_n", "self_consistency")
+SAMPLING = ("best_of_n", "weighted_best_of_n", "self_consistency", "best_of_majority")
 EVAL_METHODS = ("particle_filtering", "particle_filtering_adaptive", "particle_gibbs", "parallel_tempering",
-                "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts")
+                "best_of_n", "weighted_best_of_n", "self_consistency", "best_of_majority", "beam_search", "dvts")
 
 
 def test_the_eval_method_names_are_registered():
@@ -71,6 +71,13 @@ def test_selection_rules_of_the_sampling_baselines():
     assert sc.answer == aggregate.majority_vote(sc.answers, key=int)
     assert sc.ledger.reward_calls == 0 and bon.ledger.reward_calls == 16
     assert len(set(bon.answers) - {None}) >= 2, "the selection rules should have answers to choose from"
+    bom = run_method("best_of_majority", lm, PROBLEM.prompt, prm=prm, budget=16, rng=np.random.default_rng(1),
+                     config=ARITHMETIC_CONFIG)
+    assert bom.completions == bon.completions and bom.result.info["selection_rule"] == "best_of_majority"
+    np.testing.assert_allclose(bom.result.rewards, scores)   # N samples, the PRM's final reward
+    assert bom.answer == aggregate.best_of_majority(bom.answers, scores, 0.2, key=int)
+    assert bom.result.select(bom.answers, k=3, key=int) == aggregate.top_k("best_of_majority", bom.answers, scores, 3,
+                                                                          key=int)
 
 
 def test_particle_filtering_with_the_exact_checker_solves_the_problems():
@@ -146,3 +153,48 @@ def test_bad_requests_are_refused():
     with pytest.raises(TypeError, match="Potential"):
         run_method("particle_filtering", lm, PROBLEM.prompt, prm=3.0, budget=4, rng=np.random.default_rng(0),
                    config=ARITHMETIC_CONFIG)
+
+
+def test_presets_fall_back_in_the_harness_and_refuse_when_asked():
+    """run_method (an evaluation sweeps budgets) lets PG / PT run the PF paper's filter on
+    budgets too small for them, and says so; allow_fallback=False refuses them."""
+    lm, prm = toy_lm(), random_prm()
+    for method, budget in (("particle_gibbs", 3), ("parallel_tempering", 8)):
+        run = run_method(method, lm, PROBLEM.prompt, prm=prm, budget=budget, rng=np.random.default_rng(0),
+                         config=ARITHMETIC_CONFIG)
+        assert run.result.info["fallback"] == "particle_filtering" and run.result.num_particles == budget
+        with pytest.raises(ValueError, match="smallest budget.*'particle_filtering'"):
+            run_method(method, lm, PROBLEM.prompt, prm=prm, budget=budget, rng=np.random.default_rng(0),
+                       config=ARITHMETIC_CONFIG, allow_fallback=False)
+    assert method_options("particle_gibbs", ARITHMETIC_CONFIG, allow_fallback=True)["allow_fallback"] is True
+    assert "allow_fallback" not in method_options("best_of_n", ARITHMETIC_CONFIG, allow_fallback=True)
+
+
+@pytest.mark.parametrize("method", ["particle_filtering", "particle_filtering_adaptive", "particle_gibbs",
+                                    "parallel_tempering"])
+def test_every_preset_takes_a_judge_without_configured(method):
+    """An LLM judge (a Potential without ``configured``) is used as it is by every preset."""
+    from ppl_scaling.models.rewards import LLMJudge
+
+    judge = LLMJudge(toy_lm(), on_prefix=False)
+    assert not hasattr(judge, "configured")
+    run = run_method(method, toy_lm(), PROBLEM.prompt, prm=judge, budget=12, rng=np.random.default_rng(0),
+                     config=ARITHMETIC_CONFIG)
+    assert run.result.rewards is not None and np.all(run.result.rewards <= 0)
+    assert run.result.info.get("fallback") is None and run.ledger.reward_calls > 0
+
+
+def test_llm_runs_export_answers_rewards_and_lengths_to_arviz():
+    from ppl_scaling.models.harness import llm_posterior_fields
+
+    run = run_method("particle_filtering", toy_lm(), PROBLEM.prompt, prm=random_prm(), budget=6,
+                     rng=np.random.default_rng(0), config=ARITHMETIC_CONFIG)
+    for idata in (run.to_arviz(), run.result.to_arviz()):
+        post = idata.posterior
+        assert {"answer", "reward", "length"} <= set(post.data_vars)
+        assert list(post["answer"].values[0]) == ["" if a is None else str(a) for a in run.answers]
+        np.testing.assert_allclose(post["reward"].values[0], run.result.rewards)
+        assert np.array_equal(post["length"].values[0], run.result.particles.num_tokens)
+        assert idata.sample_stats["log_marginal_likelihood"].values[0] == run.result.log_evidence
+    fields = llm_posterior_fields(run)
+    assert set(fields) == {"answer", "reward", "length"} and fields["length"].shape == (6,)

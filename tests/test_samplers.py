@@ -1,5 +1,6 @@
 """Importance sampling and particle Gibbs against exact answers; the LLM presets of
-particle Gibbs and parallel tempering (budget split, fallback, one ledger)."""
+particle Gibbs and parallel tempering (budget split, refused or allowed fallback, any potential,
+one ledger)."""
 import numpy as np
 import pytest
 
@@ -136,11 +137,52 @@ def test_presets_split_the_budget_and_count_every_sweep(preset, budget, runs, pa
     assert res.select(list(range(particles))) == int(np.argmax(res.rewards))
 
 
-@pytest.mark.parametrize("preset, budget", [(pg_paper, 3), (pt_paper, 11)])
-def test_presets_fall_back_to_the_particle_filter_on_small_budgets(preset, budget):
-    res = preset(Walk(), budget, potential=reward, seed=0)
+@pytest.mark.parametrize("preset, budget, smallest", [(pg_paper, 3, 4), (pt_paper, 11, 12)])
+def test_presets_refuse_small_budgets_unless_a_fallback_is_allowed(preset, budget, smallest):
+    """Too small a budget would silently be plain PF: refused, naming the smallest budget and
+    the method to use; ``allow_fallback=True`` runs the PF paper's filter and says so."""
+    with pytest.raises(ValueError, match=f"smallest budget .* is N={smallest}.*'particle_filtering'.*allow_fallback"):
+        preset(Walk(), budget, potential=reward, seed=0)
+    res = preset(Walk(), budget, potential=reward, seed=0, allow_fallback=True)
     assert res.info["fallback"] == "particle_filtering" and res.num_particles == budget
     assert res.trajectories is None and res.ledger.reward_calls == budget * Walk.T
+    ok = preset(Walk(), smallest, potential=reward, seed=0)   # the smallest budget runs the method itself
+    assert ok.info["fallback"] is None and ok.trajectories
+
+
+def test_presets_refuse_a_single_sweep():
+    with pytest.raises(ValueError, match="sweeps >= 2"):
+        pg_paper(Walk(), 16, potential=reward, seed=0, sweeps=1)
+    with pytest.raises(ValueError, match="sweeps >= 2"):
+        pt_paper(Walk(), 48, potential=reward, seed=0, sweeps=1)
+
+
+class NoConfigure(pps.Potential):
+    """A reward model like ``LLMJudge``: a Potential subclass without ``configured``."""
+
+    name = "judge-like"
+
+    def prefix(self, xs):
+        return np.zeros(len(xs))
+
+    def complete(self, xs):
+        return -0.5 * (np.asarray(xs) - 1.0) ** 2
+
+
+@pytest.mark.parametrize("potential", [pps.Potential.from_callable(reward), NoConfigure(), reward],
+                         ids=["from_callable", "judge_like", "function"])
+@pytest.mark.parametrize("preset", ["pf_paper", "pg_paper", "pt_paper", "particle_filtering"])
+def test_every_preset_accepts_any_potential(preset, potential):
+    from ppl_scaling.samplers import particle_filtering, pf_paper
+
+    fn = {"pf_paper": pf_paper, "pg_paper": pg_paper, "pt_paper": pt_paper,
+          "particle_filtering": particle_filtering}[preset]
+    res = fn(Walk(), 12, potential=potential, seed=0)
+    assert res.rewards is not None and np.all(np.isfinite(res.rewards)) and res.ledger.reward_calls > 0
+    assert not hasattr(potential, "configured")
+    if preset != "particle_filtering":   # a PRM's step aggregation is refused for other potentials
+        with pytest.raises(TypeError, match="aggregation.*needs a ProcessRewardModel"):
+            fn(Walk(), 12, potential=potential, seed=0, aggregation="min")
 
 
 def test_importance_sampling_with_a_potential_weighs_by_the_final_reward():

@@ -238,6 +238,37 @@ def test_to_arviz_layout(lingauss):
     assert single.posterior["x"].shape == (1, 50)
 
 
+def test_to_arviz_posterior_fields_from_extra_info_and_a_state_hook(lingauss):
+    """Non-array particles (LLM states) reach the posterior through ``extra``, a result's
+    ``info["posterior_fields"]`` or the state's ``arviz_fields()``; lengths are checked."""
+    from dataclasses import replace
+
+    from ppl_scaling.arviz_export import to_arviz
+
+    model, y = lingauss
+    runs = [pps.smc(model.bootstrap(y), 6, seed=s) for s in range(2)]
+    extra = [{"answer": np.array(["7", "", "3", "7", "7", "1"]), "length": np.arange(6) + 10 * i} for i in range(2)]
+    idata = to_arviz(runs, extra=extra)
+    assert idata.posterior["answer"].shape == (2, 6) and idata.posterior["answer"].values[0, 2] == "3"
+    assert np.array_equal(idata.posterior["length"].values[1], np.arange(6) + 10)
+    assert idata.posterior["x"].shape == (2, 6)
+
+    class Texts:   # a state that is not an array, with the hook
+        def arviz_fields(self):
+            return {"length": np.array([3, 4, 5, 6, 7, 8])}
+
+    r = replace(runs[0], particles=Texts(), rewards=np.linspace(-1, 0, 6),
+                info={**runs[0].info, "posterior_fields": {"answer": np.array(list("abcdef"))}})
+    post = r.to_arviz().posterior
+    assert set(post.data_vars) == {"length", "reward", "answer"}
+    assert np.allclose(post["reward"].values[0], np.linspace(-1, 0, 6))
+    assert post.to_dataframe().shape[0] == 6
+    with pytest.raises(ValueError, match="one entry per particle"):
+        r.to_arviz(extra={"bad": np.zeros(5)})
+    with pytest.raises(ValueError, match="2 runs"):
+        to_arviz(runs, extra=extra[:1])
+
+
 def test_to_arviz_builds_a_datatree_for_arviz_1(lingauss, monkeypatch):
     """arviz >= 1 (Python >= 3.12) takes xarray DataTrees: the same groups and layout."""
     import warnings
