@@ -49,7 +49,7 @@ from ppl_scaling.rng import as_generator
 from ppl_scaling.smc import SMC, as_log_potential
 from ppl_scaling.tilt import Tilted
 
-from .particle_filtering import paper_tilt, pf_paper
+from .particle_filtering import paper_tilt, pf_paper_instead
 from .particle_gibbs import ConditionalSMC, draw_trajectory
 
 __all__ = ["TemperedFK", "log_potential_parts", "path_log_potential", "parallel_tempering", "pt_paper", "METHODS"]
@@ -164,17 +164,13 @@ def pt_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generato
     K = len(lams)
     S = min(int(sweeps), budget // (2 * K))
     if S < 2:
-        if not allow_fallback:
-            raise ValueError(
-                f"parallel tempering (pt_paper) with budget N={budget}, {K} chains and sweeps={sweeps} would not "
-                "swap between sweeps, i.e. plain particle filtering: "
-                + (f"the smallest budget for parallel tempering with {K} chains is N={4 * K} "
-                   f"({K} chains x 2 sweeps x 2 particles); " if sweeps >= 2 else "use sweeps >= 2; ")
-                + "use the method 'particle_filtering' (pf_paper) for this budget, or pass allow_fallback=True "
-                  "to run it in place of parallel tempering (recorded in info['fallback'])")
-        res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
-                       aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
-        return res.for_method("parallel_tempering", selection_rule, fallback="particle_filtering", sweeps=1)
+        smallest = (f"the smallest budget for parallel tempering with {K} chains is N={4 * K} ({K} chains x 2 sweeps "
+                    "x 2 particles)") if sweeps >= 2 else "use sweeps >= 2"
+        return pf_paper_instead(
+            "parallel_tempering", f"parallel tempering (pt_paper) with budget N={budget}, {K} chains and "
+            f"sweeps={sweeps} would not swap between sweeps, i.e. plain particle filtering: {smallest}", model,
+            budget, allow_fallback=allow_fallback, potential=potential, softmax_temperature=softmax_temperature,
+            aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
     fk = paper_tilt(model, potential, softmax_temperature, aggregation=aggregation)
     res = parallel_tempering(fk, lams, budget // (K * S), S - 1, seed=seed, rng=rng, progress=progress)
     return res.for_method("parallel_tempering", selection_rule, fallback=None, sweeps=S,

@@ -36,7 +36,7 @@ from ppl_scaling.result import SMCResult
 from ppl_scaling.smc import SMCState, smc
 from ppl_scaling.tilt import Tilted
 
-__all__ = ["particle_filtering", "pf_paper", "paper_tilt", "METHODS"]
+__all__ = ["particle_filtering", "pf_paper", "paper_tilt", "pf_paper_instead", "METHODS"]
 
 
 def particle_filtering(model: Any, num_particles: int, *, potential: Any = None, shape: str = "difference",
@@ -76,6 +76,19 @@ def pf_paper(model: Any, num_particles: int, *, potential: Any, softmax_temperat
               store_history=store_history, progress=progress)
     return res.for_method("particle_filtering", selection_rule, preset="pf_paper",
                           softmax_temperature=softmax_temperature)
+
+
+def pf_paper_instead(method: str, why: str, model: Any, budget: int, *, allow_fallback: bool, potential: Any,
+                     softmax_temperature: float, aggregation: str | None, selection_rule: str, seed: int | None,
+                     rng: np.random.Generator | None, progress: bool) -> SMCResult:
+    """For a preset that cannot run at this budget (``why``): refuse, or with ``allow_fallback`` run the
+    PF paper's filter with all ``budget`` particles in its place, recorded in ``info["fallback"]``."""
+    if not allow_fallback:
+        raise ValueError(f"{why}; use the method 'particle_filtering' (pf_paper) for this budget, or pass "
+                         f"allow_fallback=True to run it in place of {method} (recorded in info['fallback'])")
+    res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
+                   aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
+    return res.for_method(method, selection_rule, fallback="particle_filtering", sweeps=1)
 
 
 METHODS = {"particle_filtering": pf_paper, "particle_filtering_adaptive": particle_filtering}

@@ -53,7 +53,7 @@ from ppl_scaling.smc import SMC, SMCState, as_log_potential
 from ppl_scaling.state import take, where
 from ppl_scaling.weights import normalise
 
-from .particle_filtering import paper_tilt, pf_paper
+from .particle_filtering import paper_tilt, pf_paper_instead
 
 __all__ = ["ConditionalSMC", "draw_trajectory", "draw_trajectory_backward", "stack_paths", "particle_gibbs",
            "pg_paper", "METHODS"]
@@ -203,18 +203,13 @@ def pg_paper(model: Any, budget: int, *, potential: Any, rng: np.random.Generato
         raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
     S = max(1, min(int(sweeps), budget // 2))
     if S == 1:
-        if not allow_fallback:
-            smallest = 4 if sweeps > 1 else None
-            raise ValueError(
-                f"particle Gibbs (pg_paper) with budget N={budget} and sweeps={sweeps} would run a single sweep, "
-                "i.e. plain particle filtering: "
-                + (f"the smallest budget for particle Gibbs is N={smallest} (2 sweeps of 2 particles); "
-                   if smallest else "use sweeps >= 2; ")
-                + "use the method 'particle_filtering' (pf_paper) for this budget, or pass allow_fallback=True "
-                  "to run it in place of particle Gibbs (recorded in info['fallback'])")
-        res = pf_paper(model, budget, potential=potential, softmax_temperature=softmax_temperature,
-                       aggregation=aggregation, selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
-        return res.for_method("particle_gibbs", selection_rule, fallback="particle_filtering", sweeps=1)
+        smallest = "the smallest budget for particle Gibbs is N=4 (2 sweeps of 2 particles)" if sweeps > 1 \
+            else "use sweeps >= 2"
+        return pf_paper_instead(
+            "particle_gibbs", f"particle Gibbs (pg_paper) with budget N={budget} and sweeps={sweeps} would run a "
+            f"single sweep, i.e. plain particle filtering: {smallest}", model, budget, allow_fallback=allow_fallback,
+            potential=potential, softmax_temperature=softmax_temperature, aggregation=aggregation,
+            selection_rule=selection_rule, seed=seed, rng=rng, progress=progress)
     fk = paper_tilt(model, potential, softmax_temperature, aggregation=aggregation)
     res = particle_gibbs(fk, budget // S, S - 1, ancestor_sampling=callable(getattr(fk, "logpt", None)),
                          seed=seed, rng=rng, progress=progress)
