@@ -8,7 +8,7 @@ EXTRAS ?= test,llm,diffusion,jax
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test test-vllm demo install sdist toy-models bench-smc bench-diffusion bench-llm clean
+.PHONY: test test-vllm demo docs install sdist toy-models bench-smc bench-diffusion bench-llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,8 +67,12 @@ bench-smc: $(STAMP) benchmarks/.venv-particles
 bench-diffusion: $(STAMP)
 	$(PY) benchmarks/diffusion_overhead.py
 
+# The documentation site with the API reference, built offline into site/ (warnings are errors).
+docs: $(STAMP)
+	$(PY) scripts/build_docs.py site
+
 bench-llm: $(STAMP)
 	$(PY) benchmarks/llm_overhead.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache dist build
+	rm -rf $(VENV) demo_output .pytest_cache dist build site
