@@ -8,7 +8,7 @@ EXTRAS ?= test,llm,diffusion,jax
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test test-vllm demo docs install sdist toy-models bench-smc bench-diffusion bench-llm clean
+.PHONY: test test-vllm demo docs tutorials install sdist toy-models bench-smc bench-diffusion bench-llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench-smc: $(STAMP) benchmarks/.venv-particles
 
 bench-diffusion: $(STAMP)
 	$(PY) benchmarks/diffusion_overhead.py
+
+# Regenerate the generated tutorials (02-05) and store every tutorial executed, with its outputs.
+tutorials: $(STAMP)
+	$(PY) scripts/make_llm_tutorials.py
+	$(PY) scripts/make_diffusion_tutorials.py
+	$(PY) scripts/execute_tutorials.py
 
 # The documentation site with the API reference, built offline into site/ (warnings are errors).
 docs: $(STAMP)
