@@ -71,7 +71,7 @@ def _csv(kind, what: str = "values"):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["arithmetic", "math"], default="arithmetic",
-                   help="arithmetic: the bundled toy task; math: a JSONL dataset for a real model")
+                   help="arithmetic: the bundled toy task; math: a MATH / GSM8K / AIME dataset for a real model")
     p.add_argument("--model", help="language model: local directory or hub id (default for arithmetic: bundled toy LM)")
     p.add_argument("--prm", help="process reward model: local directory or hub id (default for arithmetic: bundled toy PRM)")
     p.add_argument("--backend", choices=["hf", "vllm", "openai"], default="hf",
@@ -79,7 +79,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", action="append", default=[], dest="base_urls",
                    help="with --backend openai: a server URL such as http://host:8000/v1 (repeat for replicas)")
     p.add_argument("--tokenizer", help="with --backend openai: a local tokenizer (default: the server's /tokenize)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu or cuda (default: auto; recorded in the results)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--temperature", type=_temperature, default=None, help="LLM sampling temperature (default: the task's)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="most steps per generation (default: the task's)")
@@ -109,7 +110,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", type=_csv(_positive_int, "positive integers"), default=[1, 4, 16],
                     help="comma-separated budgets N (duplicates count once)")
     ev.add_argument("--problems", type=_positive_int, default=None, help="use the first N problems (default: all)")
-    ev.add_argument("--dataset", help="JSONL file with 'problem' and 'answer' per line")
+    ev.add_argument("--dataset", help="JSONL or JSON file (MATH / MATH-500, GSM8K or AIME style records), a folder "
+                    "saved by `datasets`, or a hub id (--task math); arithmetic: toy questions as JSONL")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", required=True, help="results JSONL (appended; rerun with the same settings to resume)")
     ev.add_argument("--retry-errors", action="store_true",
@@ -118,7 +120,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", parents=[debug], help="accuracy table and scaling plots from results JSONL")
     rp.add_argument("results", help="results JSONL written by `ppl-scaling eval`")
-    rp.add_argument("--plot", help="write accuracy-vs-budget and accuracy-vs-tokens plots here (PNG)")
+    rp.add_argument("--plot", help="write accuracy-vs-budget and accuracy-vs-compute (tokens) plots here (PNG)")
+    rp.add_argument("--compare", action="append", default=[], metavar="A,B",
+                    help="paired comparison of methods A and B (names as in the rows) at each budget: mean "
+                         "difference, paired bootstrap 95%% CI, exact McNemar p (repeatable)")
+    rp.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples (default: 2000)")
+    rp.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
 
     run = sub.add_parser("run", parents=[debug], help="one prompt: run a method and print the weighted answers")
     _add_model_args(run)
@@ -137,6 +144,7 @@ def _models(args) -> tuple[object, object, str, str]:
     prm_path = args.prm or (str(toy.TOY_PRM_PATH) if args.task == "arithmetic" else None)
     if model is None:
         raise ValueError("--task math needs --model (a local directory or a hub id)")
+    args.device = ev.resolve_device(args.device)   # resolved once: the models load there, the results record it
     lm = ev.load_lm(model, device=args.device, dtype=args.dtype, backend=args.backend, base_urls=args.base_urls,
                     tokenizer=args.tokenizer)
     prm = ev.load_prm(prm_path, device=args.device, dtype=args.dtype, aggregation=args.prm_aggregation,
@@ -151,7 +159,7 @@ def _task(args, lm, num_problems=None, dataset=None):
         task = ev.arithmetic_task(num_problems, dataset)
     else:
         if dataset is None:
-            raise ValueError("--task math needs --dataset FILE.jsonl")
+            raise ValueError("--task math needs --dataset (a JSONL / JSON file, a saved dataset folder or a hub id)")
         task = ev.math_task(dataset, lm, num_problems)
     return ev.with_config(task, **_config_changes(args))
 
@@ -173,7 +181,11 @@ def _eval(args) -> int:
 
     for m in args.methods:
         parse_method(m)                 # unknown methods, ...
-    if args.dataset is not None:
+    if args.dataset is not None and args.task == "math":
+        from .models.datasets import load_problems
+
+        args.dataset = load_problems(args.dataset)   # ... a bad dataset (loaded once) ...
+    elif args.dataset is not None:
         ev.read_dataset(args.dataset)   # ... a bad dataset ...
     ResultsFile.peek(args.out, ev.KEY)  # ... and an --out that is not a results file, or busy: before the models load
     lm, prm, model, prm_path = _models(args)
@@ -181,7 +193,7 @@ def _eval(args) -> int:
     try:
         rows = ev.evaluate(task, lm, prm, args.methods, args.budgets, args.out, seed=args.seed,
                            model_name=model, prm_name=prm_path, progress=not args.no_progress,
-                           retry_errors=args.retry_errors, backend=args.backend)
+                           retry_errors=args.retry_errors, backend=args.backend, device=args.device)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
               file=sys.stderr)
@@ -262,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .models.report import report
 
-            print(report(args.results, args.plot))
+            print(report(args.results, args.plot, compare=args.compare, resamples=args.resamples,
+                         seed=args.bootstrap_seed))
             return 0
         return _eval(args) if args.command == "eval" else _run(args)
     except KeyboardInterrupt:

@@ -48,5 +48,23 @@ def test_scaling_plot_and_report_keep_settings_and_errors_apart(tmp_path):
     labels = sorted(h.get_label() for h in axes[0].get_legend_handles_labels()[0])
     assert labels == ["best_of_n [1]", "best_of_n [2]"] and (tmp_path / "scaling.png").stat().st_size > 1000
     text = report(path)
-    assert "| best_of_n | 0.500 ± 0.354 | 1.000 ± 0.000 (1 err) |" in text
-    assert "| best_of_n | 0.000 ± 0.000 | — (1 err) |" in text   # a cell whose every run failed
+    assert "| best_of_n | 0.500 [0.09, 0.91] | 1.000 [0.21, 1.00] (1 err) |" in text   # 95 % Wilson intervals
+    assert "| best_of_n | 0.000 [0.00, 0.79] | — (1 err) |" in text   # a cell whose every run failed
+    assert "±" not in text
+
+
+def test_scaling_plot_draws_accuracy_against_total_tokens_with_wilson_bars(tmp_path):
+    import json
+
+    from ppl_scaling.models.report import plot_scaling, read_results
+
+    rows = [{"ppl_scaling_results": 1, "settings_id": "s", "settings": {}}]
+    rows += [{"problem_id": p, "method": "best_of_n", "budget": n, "correct": n == 4 or p == "a", "tokens": 10 * n,
+              "reward_tokens": 5 * n, "settings_id": "s"} for p in ("a", "b") for n in (1, 4)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    axes = plot_scaling(read_results(tmp_path / "r.jsonl").rows, tmp_path / "s.png")
+    (line,) = axes[1].get_lines()[:1]
+    assert list(line.get_xdata()) == [15, 60] and "reward" in axes[1].get_xlabel()   # generated + reward tokens
+    segments = axes[0].collections[0].get_segments()   # error bars: the Wilson interval, not ± 0 at 100 %
+    assert [round(float(s[1][1] - s[0][1]), 3) for s in segments] == [round(0.9054688 - 0.0945312, 3),
+                                                                         round(1 - 0.3423802, 3)]

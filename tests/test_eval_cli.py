@@ -185,3 +185,26 @@ def test_rows_record_diagnostics_fallback_and_pass_at_k_of_every_rule(tmp_path, 
     assert "BoN pass@1" in text and "BoM pass@2" in text and "majority pass@4" in text
     assert "| best_of_majority | 2 |" in text
     assert "particle_gibbs at N=2 ran particle_filtering" in text and "at N=4" not in text
+
+
+def test_math_eval_on_a_bundled_gsm8k_fixture_keeps_difficulty_and_subject(tmp_path, capsys):
+    """`eval --task math --dataset tests/fixtures/gsm8k.jsonl` end to end on the toy LM; a MATH-500
+    fixture's levels and subjects land in the rows; the device is resolved and recorded."""
+    fixtures = Path(__file__).parent / "fixtures"
+    out = tmp_path / "r.jsonl"
+    args = ["eval", "--task", "math", "--methods", "self_consistency", "--budgets", "1", "--max-steps", "2",
+            "--max-step-tokens", "16", "--no-progress", "--model", str(TOY_LM_PATH)]
+    assert main([*args, "--dataset", str(fixtures / "gsm8k.jsonl"), "--out", str(out)]) == 0
+    rows = rows_of(out)
+    assert [(r["problem_id"], r["gold"]) for r in rows] == [("line-1", "7"), ("line-2", "7"), ("line-3", "1234")]
+    assert all(isinstance(r["correct"], bool) and r["tokens"] > 0 and r["difficulty"] is None for r in rows)
+    header = header_of(out)
+    assert header["settings"]["device"] == "cpu" and header["info"]["dataset_file"] == "gsm8k.jsonl"
+    out2 = tmp_path / "r2.jsonl"
+    assert main([*args, "--dataset", str(fixtures / "math500.jsonl"), "--problems", "2", "--out", str(out2)]) == 0
+    rows = rows_of(out2)
+    assert [(r["problem_id"], r["gold"], r["difficulty"], r["subject"]) for r in rows] == [
+        ("test/prealgebra/1.json", "7", 1, "Prealgebra"), ("test/algebra/7.json", "\\frac{1}{2}", 2, "Algebra")]
+    capsys.readouterr()
+    assert main([*args, "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r3.jsonl")]) == 2
+    assert "missing.jsonl" in error_of(capsys.readouterr().err) and not (tmp_path / "r3.jsonl").exists()

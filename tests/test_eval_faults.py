@@ -368,7 +368,7 @@ def test_report_validates_rows_and_says_what_it_skipped(tmp_path, capsys):
     assert main(["report", str(path)]) == 0
     text = capsys.readouterr().out
     assert "skipped 7 of 11 lines" in text and "line 4: missing field 'problem_id'" in text
-    assert "| best_of_n | 0.500 ± 0.354 (1 err) |" in text   # p1 right, p2 wrong; "false" is not counted
+    assert "| best_of_n | 0.500 [0.09, 0.91] (1 err) |" in text   # p1 right, p2 wrong; "false" is not counted
     res = read_results(path)
     reasons = dict(res.skipped)
     assert "not a JSON object" in reasons[5] and "'correct' must be true or false, got \"false\"" in reasons[6]
@@ -381,7 +381,7 @@ def test_report_validates_rows_and_says_what_it_skipped(tmp_path, capsys):
                                                            row("p1", False, settings_id="s2")]))
     text = report(two)
     assert "2 different settings" in text and "## [1] settings s1: temperature=1.0" in text
-    assert "## [2] settings s2: temperature=0.5" in text and "1.000 ± 0.000" in text and "0.000 ± 0.000" in text
+    assert "## [2] settings s2: temperature=0.5" in text and "1.000 [0.21, 1.00]" in text and "0.000 [0.00, 0.79]" in text
     with pytest.raises(ValueError, match="2 different settings"):
         accuracy_table(read_results(two).rows)
     with pytest.raises(ValueError, match="'correct' must be true or false"):
