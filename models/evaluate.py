@@ -539,7 +539,7 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
             row = results.get(j)
             if row is None or (retry_errors and is_error_row(row)):
                 todo.append(j)
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         for job in tqdm(todo, desc="eval", disable=not progress, unit="run"):
             item, method, budget = job["_item"], job["method"], job["budget"]
