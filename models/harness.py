@@ -78,6 +78,8 @@ class MethodConfig:
     for the votes. ``selection`` overrides every method's default answer rule.
     ``softmax_temperature``: the PF presets' 1 / lam; ``beam_width``: beam search / DVTS;
     ``pg_sweeps``: particle Gibbs sweeps; ``pt_lams`` / ``pt_sweeps``: parallel tempering.
+    ``top_p`` / ``top_k`` / ``min_p``: truncation of the proposal (off: 1.0, None, 0.0; see
+    ``StepModel`` and ``ppl_scaling.models.lm``).
     """
 
     step_delimiter: str | None = "\n\n"
@@ -94,11 +96,15 @@ class MethodConfig:
     pt_lams: tuple[float, ...] = (1.0, 0.5, 0.25)
     pt_sweeps: int = 2
     store_history: bool = False
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
 
     def step_model(self, lm: Any, prompt: str) -> StepModel:
         """The dynamics of a run: stepwise generation from ``lm`` after ``prompt``."""
         return StepModel(lm, prompt, step_delimiter=self.step_delimiter, max_steps=self.max_steps,
-                         max_step_tokens=self.max_step_tokens, temperature=self.temperature, stop=self.stop)
+                         max_step_tokens=self.max_step_tokens, temperature=self.temperature, stop=self.stop,
+                         top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,11 @@
     lm = HFLanguageModel.from_pretrained("path/or/hub-id", device="cuda", dtype="bfloat16")
     ctx = lm.start([lm.encode(prompt)]).take(np.zeros(N, int))     # the prompt is encoded once
     s = lm.sample_steps(ctx, step_delimiter="\\n\\n", max_step_tokens=256, temperature=0.8, generator=g)
+    s = lm.sample_steps(ctx, ..., temperature=0.8, top_p=0.95, top_k=50, min_p=0.05, generator=g)  # truncated
+
+Sampling controls: as in ``ppl_scaling.models.lm`` (vLLM's semantics and order: temperature,
+min-p, top-k, top-p), computed on the float32 logits of each position; ``log_q`` is the
+sampled step's log-probability under the truncated, renormalised proposal.
 
 What happens underneath (``KVContexts``):
 
@@ -51,8 +56,8 @@ import torch.nn.functional as F
 
 from ppl_scaling.ledger import record
 
-from .lm import (TRUNCATIONS, Contexts, LanguageModel, StepRecorder, StepSample, fit_context, is_identity, merge_eos,
-                 sample_tokens)
+from .lm import (TRUNCATIONS, Contexts, LanguageModel, StepRecorder, StepSample, check_sampling, fit_context,
+                 is_identity, merge_eos, sample_tokens)
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -319,7 +324,11 @@ class HFLanguageModel(LanguageModel):
 
     @torch.no_grad()
     def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
+                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
+        """Sample one step for every row (``ppl_scaling.models.lm``: the step, the sampling
+        controls ``temperature``, ``top_p``, ``top_k``, ``min_p`` in vLLM's order, log q / log p)."""
+        temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
         if not isinstance(contexts, KVContexts):
             raise TypeError("HFLanguageModel.sample_steps needs KVContexts from HFLanguageModel.start(...)")
         R = len(contexts)
@@ -342,7 +351,8 @@ class HFLanguageModel(LanguageModel):
                                 use_cache=True, **{self.cache_arg: cache}).logits[:, -1]
             record(forward_passes=1, prefill_tokens=R if k == 0 else 0)  # k = 0 feeds the pending tokens
             li = live.nonzero().squeeze(1)
-            tok, log_q, log_p = sample_tokens(logits[li], temperature, generator)
+            tok, log_q, log_p = sample_tokens(logits[li], temperature, generator, top_p=top_p, top_k=top_k,
+                                              min_p=min_p)
             pending[li], pos[li] = tok, pos[li] + 1
             check = None if may_end is None else may_end[tok.cpu()].numpy()
             still = rec.add(rows[li].cpu().numpy(), tok, log_q, log_p, check)

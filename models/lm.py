@@ -17,17 +17,35 @@ sample a whole step per request, vLLM and OpenAI-compatible servers, derive from
                         temperature=0.8, generator=torch_generator(rng))
     s.contexts, s.token_ids, s.texts, s.eos, s.log_q, s.log_p
 
-**Steps.** A step is sampled token by token from the tempered model
-q_τ(v | context) ∝ p(v | context)^(1/τ) until the delimiter string appears in the
+**Steps.** A step is sampled token by token from the proposal q (below; by default the
+tempered model q_τ(v | context) ∝ p(v | context)^(1/τ)) until the delimiter string appears in the
 step's decoded text (the step keeps it), EOS is sampled (kept in ``token_ids``, not in
 ``texts``), or ``max_step_tokens`` tokens were drawn. ``step_delimiter=None`` means
 one token per step. With multi-character tokens a step ends at the token that
 completes the delimiter, so its text may run a few characters past it.
 
-**Proposal vs model.** ``log_q`` is the log-probability of the sampled step under
-q_τ (what was actually sampled from), ``log_p`` under the model itself (τ = 1). At
-τ = 1 they are equal. A sampler that wants the model's own distribution as its
-target adds ``log_p - log_q`` to the weight (``StepModel(target="model")``).
+**Sampling controls** (``temperature``, ``top_p``, ``top_k``, ``min_p``; every backend, same
+semantics as vLLM's sampler, ``process_logprobs``), applied to each next-token distribution
+in vLLM's order:
+
+1. temperature: q ∝ p^(1/τ);
+2. min-p: drop the tokens with q(v) < min_p · max_v' q(v');
+3. top-k: keep the tokens whose q is at least the k-th largest (ties with it are kept);
+4. top-p: renormalise the kept tokens, sort them by probability and drop those whose
+   probability mass *above* them (more probable tokens) is already >= top_p (the most
+   probable token is always kept);
+
+then renormalise. Tokens dropped have q = 0 (never sampled). Min-p and top-k commute (both
+keep a most-probable prefix and neither depends on the renormalisation); top-p reads the
+distribution left by the other two, so the order matters for it. Off: ``top_p=1``,
+``top_k=None`` (or 0), ``min_p=0``; ``check_sampling`` validates them.
+
+**Proposal vs model.** ``log_q`` is the log-probability of the sampled step under the
+proposal q (tempered, truncated and renormalised: what was actually sampled from),
+``log_p`` under the model itself (τ = 1, no truncation). With no control active they are
+equal. A sampler that wants the model's own distribution as its target adds
+``log_p - log_q`` to the weight (``StepModel(target="model")``); with truncation that is
+exact only on the proposal's support (the tokens the controls keep), see ``StepModel``.
 
 **Contexts.** Rows of token sequences, one per particle, with ``take(idx)`` (for
 resampling; a backend reorders its cache rows, never re-encodes text) and
@@ -163,12 +181,70 @@ class StepSample:
         return cls(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
 
 
-def sample_tokens(logprobs: torch.Tensor, temperature: float,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw one token per row of ``logprobs`` (B, V) (log-probabilities or logits) from
-    q_τ ∝ softmax(logprobs / τ); returns tokens, log q_τ(token), log p(token)."""
-    log_p = torch.log_softmax(logprobs.float(), dim=-1)
+def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                   min_p: float = 0.0) -> tuple[float, float, int | None, float]:
+    """Validate the sampling controls (module docstring); returns them normalised:
+    ``(temperature, top_p, top_k, min_p)`` with ``top_k`` None when off (None or 0 given).
+    Raises ``ValueError`` naming the control, its range and the value."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}; "
+                         "a deterministic (greedy) proposal gives resampled copies no diversity")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating)) \
+            or not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 1, or None / 0 (off), got {top_k!r}")
+        top_k = int(top_k) or None
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float, np.integer, np.floating)) \
+            or not (0.0 <= float(min_p) < 1.0):
+        raise ValueError(f"min_p must be in [0, 1) (0: off), got {min_p!r}")
+    return float(temperature), float(top_p), top_k, float(min_p)
+
+
+def truncates(top_p: float = 1.0, top_k: int | None = None, min_p: float = 0.0) -> bool:
+    """Does any truncation control (top-p, top-k, min-p) act?"""
+    return top_p < 1.0 or bool(top_k) or min_p > 0.0
+
+
+def process_logprobs(logprobs: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                     top_k: int | None = None, min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proposal of ``logprobs`` (B, V) (log-probabilities or logits) under the sampling
+    controls, in vLLM's order (module docstring): returns ``(log_q, log_p)``, the (B, V)
+    log-probabilities of the tempered, truncated, renormalised proposal (-inf outside the
+    kept tokens) and of the model (log-softmax of the input). Computed in the input's
+    floating dtype (float32 for half-precision inputs)."""
+    x = logprobs if logprobs.dtype in (torch.float32, torch.float64) else logprobs.float()
+    log_p = torch.log_softmax(x, dim=-1)
     log_q = log_p if temperature == 1.0 else torch.log_softmax(log_p / temperature, dim=-1)
+    if not truncates(top_p, top_k, min_p):
+        return log_q, log_p
+    neg = torch.tensor(-float("inf"), dtype=log_q.dtype, device=log_q.device)
+    z = log_q
+    if min_p > 0.0:  # q(v) < min_p * max q: dropped (vLLM compares probabilities)
+        q = z.exp()
+        z = torch.where(q < min_p * q.amax(dim=-1, keepdim=True), neg, z)
+    V = z.shape[-1]
+    if top_k is not None and top_k < V:  # below the k-th largest value: dropped (ties kept)
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = torch.where(z < kth, neg, z)
+    if top_p < 1.0:  # vLLM: ascending sort, cumulative mass <= 1 - p dropped, the largest kept
+        srt, idx = z.sort(dim=-1, descending=False)
+        cum = torch.softmax(srt, dim=-1).cumsum(dim=-1)
+        drop = cum <= 1.0 - top_p
+        drop[:, -1] = False
+        z = z.scatter(-1, idx, srt.masked_fill(drop, -float("inf")))
+    return torch.log_softmax(z, dim=-1), log_p
+
+
+def sample_tokens(logprobs: torch.Tensor, temperature: float, generator: torch.Generator, *,
+                  top_p: float = 1.0, top_k: int | None = None,
+                  min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row of ``logprobs`` (B, V) (log-probabilities or logits) from the
+    proposal q of ``process_logprobs`` (by default q_τ ∝ softmax(logprobs / τ)); returns
+    tokens, log q(token), log p(token)."""
+    log_q, log_p = process_logprobs(logprobs.float(), temperature, top_p, top_k, min_p)
     tok = torch.multinomial(log_q.exp(), 1, generator=generator)
     return tok.squeeze(1), log_q.gather(1, tok).squeeze(1), log_p.gather(1, tok).squeeze(1)
 
@@ -241,8 +317,10 @@ class LanguageModel:
         return Contexts(ids)
 
     def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
+                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
         """Sample one step for every row of ``contexts`` (module docstring)."""
+        temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
         rec = StepRecorder(self, len(contexts), step_delimiter)
         live = list(range(len(contexts)))
         for _ in range(1 if step_delimiter is None else max_step_tokens):
@@ -253,7 +331,8 @@ class LanguageModel:
                 logprobs = self.next_token_logprobs(rows)
             if own.forward_passes == 0:  # a custom LM that records nothing: one call, whole rows read
                 record(forward_passes=1, prefill_tokens=sum(len(r) for r in rows))
-            tok, log_q, log_p = sample_tokens(logprobs, temperature, generator)
+            tok, log_q, log_p = sample_tokens(logprobs, temperature, generator, top_p=top_p, top_k=top_k,
+                                              min_p=min_p)
             keep = rec.add(live, tok, log_q, log_p)
             live = [r for r, k in zip(live, keep) if k]
         return rec.result(contexts.extend(rec.ids))
@@ -264,7 +343,7 @@ class StepReply:
     """An engine's answer to one step request."""
 
     token_ids: list[int]           # the new tokens (EOS included if sampled)
-    logprobs: np.ndarray | None    # log q_τ of each new token (None: not requested)
+    logprobs: np.ndarray | None    # log q of each new token under the proposal (None: not requested)
     eos: bool                      # the step ended with EOS
     delimited: bool                # the step ended with the delimiter
 
@@ -277,8 +356,13 @@ class EngineLanguageModel(LanguageModel):
     ``token_logprobs`` and set ``logprobs`` / ``exact_log_p``:
 
     - ``logprobs=False``: no log-probabilities are asked for (``log_q``, ``log_p`` NaN);
-    - log q_τ is what the engine returns for the sampled tokens; at τ ≠ 1, log p comes
-      from a scoring request of context + step (``exact_log_p=False``: NaN instead).
+    - log q is what the engine returns for the sampled tokens (vLLM's processed
+      log-probabilities: after temperature, min-p, top-k, top-p); when the proposal is not
+      the model (τ ≠ 1 or a truncation control active), log p comes from a scoring request
+      of context + step (``exact_log_p=False``: NaN instead).
+
+    The sampling controls go to the engine with every request (``request_steps``'s
+    ``top_p``, ``top_k``, ``min_p``; off: 1, None, 0).
 
     Ledger: a step records its sampled ``tokens``, the contexts sent as
     ``prefill_tokens`` (an engine's prefix cache may serve part of them) and, as
@@ -291,8 +375,10 @@ class EngineLanguageModel(LanguageModel):
     exact_log_p: bool = True
 
     def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
-                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
-        """One step request per row (``stop``: the delimiter, kept in the output; EOS ids stop too)."""
+                      temperature: float, seeds: Sequence[int], top_p: float = 1.0, top_k: int | None = None,
+                      min_p: float = 0.0) -> list[StepReply]:
+        """One step request per row (``stop``: the delimiter, kept in the output; EOS ids stop too),
+        sampled under the controls (module docstring of ``ppl_scaling.models.lm``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement request_steps")
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -304,20 +390,24 @@ class EngineLanguageModel(LanguageModel):
         return [self.decode(r) for r in rows]
 
     def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator) -> StepSample:
+                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
+                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
+        temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
         R = len(contexts)
         if R == 0:
             return StepSample.empty(contexts)
+        controls = dict(top_p=top_p, top_k=top_k, min_p=min_p) if truncates(top_p, top_k, min_p) else {}
         replies = self.request_steps(contexts.ids, stop=step_delimiter,
                                      max_tokens=1 if step_delimiter is None else int(max_step_tokens),
-                                     temperature=float(temperature), seeds=draw_seeds(generator, R))
+                                     temperature=float(temperature), seeds=draw_seeds(generator, R), **controls)
         token_ids = [r.token_ids for r in replies]
         record(tokens=sum(len(t) for t in token_ids), prefill_tokens=sum(len(c) for c in contexts.ids),
                forward_passes=max(len(t) for t in token_ids))
         if self.logprobs:
             token_lps = [np.asarray(r.logprobs, dtype=np.float64) for r in replies]
             log_q = np.array([lp.sum() for lp in token_lps])
-            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature)
+            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature,
+                                      truncated=bool(controls))
         else:
             log_q, log_p = np.full(R, np.nan), np.full(R, np.nan)
         eos_ids = self.eos_token_ids
@@ -326,15 +416,16 @@ class EngineLanguageModel(LanguageModel):
                           np.array([r.delimited for r in replies], bool), log_q, log_p)
 
     def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], token_lps: list[np.ndarray],
-                     log_q: np.ndarray, temperature: float) -> np.ndarray:
-        """log p of each new step under the model (τ = 1), by scoring context + step."""
-        if temperature == 1.0:
+                     log_q: np.ndarray, temperature: float, truncated: bool = False) -> np.ndarray:
+        """log p of each new step under the model (τ = 1, no truncation), by scoring context + step."""
+        if temperature == 1.0 and not truncated:
             return log_q.copy()
         if not self.exact_log_p:
             return np.full(len(token_ids), np.nan)
         scores = self.token_logprobs([list(c) + list(t) for c, t in zip(contexts.ids, token_ids)])
         new = [s[len(s) - len(t):] if t else s[:0] for s, t in zip(scores, token_ids)]
-        self.check_proposal_logprobs(np.concatenate(token_lps), np.concatenate(new), temperature)
+        if temperature != 1.0:  # at τ = 1 a truncated proposal may equal the model on the sampled tokens
+            self.check_proposal_logprobs(np.concatenate(token_lps), np.concatenate(new), temperature)
         return np.array([s.sum() for s in new])
 
     def check_proposal_logprobs(self, sampled: np.ndarray, scored: np.ndarray, temperature: float) -> None:

@@ -58,12 +58,19 @@ step still counts the whole context). When the server reports no context length 
 none is given, nothing is checked here and the server's own error (HTTP 400, its
 message) is raised as ``ServerError``.
 
-**Log-probabilities.** The sampled tokens' log-probabilities are log q_τ when the server
-runs with ``--logprobs-mode processed_logprobs`` (vLLM); at τ = 1 they are also log p.
-At τ ≠ 1, log p comes from an ``echo`` scoring request of context + step (an extra
-prefill), skipped with ``exact_log_p=False`` (log p = NaN; fine for
-``StepModel(target="tempered")``). A server that returns untempered (raw) log-probabilities
-at τ ≠ 1 is detected (they equal the scores) and refused with the flag to restart it with.
+**Sampling controls.** Every step request carries ``temperature``, ``top_p``, ``top_k``
+(-1: off), ``min_p`` and neutral penalties (``SAMPLING_DEFAULTS``), so that the server's
+generation-config defaults never change the proposal behind the client's back; semantics
+and order as vLLM's sampler (``ppl_scaling.models.lm``: temperature, min-p, top-k, top-p).
+
+**Log-probabilities.** The sampled tokens' log-probabilities are log q (the tempered,
+truncated, renormalised proposal) when the server runs with ``--logprobs-mode
+processed_logprobs`` (vLLM); at τ = 1 without truncation they are also log p. Otherwise
+log p comes from an ``echo`` scoring request of context + step (an extra prefill), skipped
+with ``exact_log_p=False`` (log p = NaN; fine for ``StepModel(target="tempered")``). A server
+that returns untempered (raw) log-probabilities at τ ≠ 1 is detected (they equal the scores)
+and refused with the flag to restart it with (at τ = 1 with truncation alone this check
+cannot tell them apart and is skipped).
 
 **Ledger** (``EngineLanguageModel``), recorded in the calling thread once the worker
 threads have answered: a step records its sampled ``tokens``, the prompt tokens of the
@@ -123,6 +130,11 @@ BACKOFF_BASE, BACKOFF_CAP = 0.2, 5.0
 MODELS_TIMEOUT = 10.0              # the /v1/models check at start-up (at most ``timeout``)
 TOKEN_ID_PREFIX = "token_id:"      # vLLM's return_tokens_as_token_ids
 LOGPROB_SLACK = 1e-3               # a log-probability above this is not one
+# Sent with every step request: a server fills the fields a request leaves out from the model's
+# generation_config.json (vLLM's default --generation-config auto), e.g. top_k=20 or a repetition
+# penalty, which would silently change the proposal. top_k -1: off (vLLM, SGLang).
+SAMPLING_DEFAULTS: dict[str, Any] = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                                     "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 class ServerError(RuntimeError):
@@ -757,10 +769,12 @@ class OpenAICompatibleLanguageModel(EngineLanguageModel):
                                   "with token_logprobs(rows) instead")
 
     def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
-                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
+                      temperature: float, seeds: Sequence[int], top_p: float = 1.0, top_k: int | None = None,
+                      min_p: float = 0.0) -> list[StepReply]:
         """One concurrent ``/completions`` request per row (module docstring)."""
         eos_ids = self.eos_token_ids
-        common: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
+        common: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, **SAMPLING_DEFAULTS,
+                                  "top_p": float(top_p), "top_k": int(top_k) if top_k else -1, "min_p": float(min_p),
                                   "include_stop_str_in_output": True, "return_token_ids": True,
                                   "skip_special_tokens": True}
         if self.logprobs:

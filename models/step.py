@@ -16,13 +16,20 @@ the next step of every unfinished particle. A reward steers it only through
 
 The dynamics (t = 0 .. max_steps - 1):
 
-    M0, M    sample one step from the tempered model q_τ for every unfinished particle
-             (finished particles are frozen by the engine and cost nothing)
+    M0, M    sample one step from the proposal q for every unfinished particle: the
+             tempered model q_τ, truncated by ``top_p`` / ``top_k`` / ``min_p`` when given
+             (``ppl_scaling.models.lm``: vLLM's semantics and order, renormalised; q below
+             means this proposal). Finished particles are frozen by the engine and cost nothing.
     logG_t   the target of the generation alone:
                  0                                          target="tempered": q_τ(x)
                  log p(step_t) - log q_τ(step_t)            target="model":    p(x)
              (from the cumulative log p / log q of x_t minus those of x_{t-1}), so the
              tilted target is q_τ(x) exp(lam r(x)) (the PF paper's) or p(x) exp(lam r(x)).
+             **Truncation and target="model".** A truncated proposal puts q = 0 on the tokens
+             it drops, where p > 0: the weights p / q then correct towards p restricted to the
+             proposal's support (p(x) 1[every token of x kept], renormalised), not p. Use
+             target="tempered" to sample the truncated proposal itself (exact), or
+             target="model" knowing that the tails are cut.
     done     EOS, the ``stop`` pattern found in the completion, or the last step t = max_steps - 1
              (the generation is then cut: the target lives on these truncated sequences).
     view     ``x.partials()``: what a potential (PRM, verifier, judge) scores.
@@ -55,7 +62,7 @@ from ppl_scaling.fk import Dynamics
 from ppl_scaling.ledger import record, recording
 from ppl_scaling.rng import torch_generator
 
-from .lm import Contexts, LanguageModel, StepRecorder, StepSample
+from .lm import Contexts, LanguageModel, StepRecorder, StepSample, check_sampling, truncates
 from .twist import as_twist, sample_twisted_tokens, token_log_potential, token_pieces
 from .types import Partial
 
@@ -136,12 +143,14 @@ class StepModel(Dynamics):
     generation's own weight is 1: target q_τ) or "model" (weight p / q_τ per step: target p).
     ``twist``: a potential (or anything with ``next_token_log_potential``) whose token scores
     ψ(x v) twist the proposal (module docstring); needs ``step_delimiter=None``.
+    ``top_p``, ``top_k``, ``min_p``: truncation of the proposal (``ppl_scaling.models.lm``; off:
+    1, None or 0, 0), validated here; not combined with ``twist`` (``NotImplementedError``).
     """
 
     def __init__(self, lm: LanguageModel, prompt: str, *, step_delimiter: str | None = "\n\n",
                  max_steps: int = 40, max_step_tokens: int = 256, temperature: float = 1.0,
                  stop: str | Callable[[str], bool] | None = None, target: str = "tempered",
-                 twist: Any = None) -> None:
+                 twist: Any = None, top_p: float = 1.0, top_k: int | None = None, min_p: float = 0.0) -> None:
         if not isinstance(prompt, str) or prompt == "":
             raise ValueError("StepModel needs a non-empty prompt string; for unconditional generation "
                              "pass the model's BOS text (or any start text) as the prompt")
@@ -151,14 +160,15 @@ class StepModel(Dynamics):
         for name, value in (("max_steps", max_steps), ("max_step_tokens", max_step_tokens)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be positive and finite, got {temperature}; "
-                             "a deterministic (greedy) proposal gives resampled copies no diversity")
+        temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if twist is not None and step_delimiter is not None:
             raise NotImplementedError("twisted proposals are implemented for one token per step only; "
                                       "pass step_delimiter=None with twist=...")
+        if twist is not None and truncates(top_p, top_k, min_p):
+            raise NotImplementedError("twisted proposals do not combine with top_p / top_k / min_p; "
+                                      "use temperature alone with twist=...")
         self.twist = None if twist is None else as_twist(twist)
         self._pieces: list[str] | None = None
         self.prompt_ids = list(lm.encode(prompt))
@@ -167,6 +177,9 @@ class StepModel(Dynamics):
         self.lm, self.prompt = lm, prompt
         self.step_delimiter, self.max_step_tokens = step_delimiter, int(max_step_tokens)
         self.temperature, self.target = float(temperature), target
+        self.top_p, self.top_k, self.min_p = top_p, top_k, min_p
+        # passed to sample_steps only when active, so custom LMs without the controls keep working
+        self._controls = dict(top_p=top_p, top_k=top_k, min_p=min_p) if truncates(top_p, top_k, min_p) else {}
         self.T = int(max_steps)
         self.stop = re.compile(stop).search if isinstance(stop, str) else stop
         self._prompt_contexts: Contexts | None = None
@@ -174,6 +187,7 @@ class StepModel(Dynamics):
     def __repr__(self) -> str:
         return (f"StepModel({type(self.lm).__name__}, prompt={self.prompt[:40]!r}, max_steps={self.T}, "
                 f"temperature={self.temperature:g}, target={self.target!r}"
+                + "".join(f", {k}={v!r}" for k, v in self._controls.items())
                 + ("" if self.twist is None else f", twist={self.twist!r}") + ")")
 
     # -- the dynamics ------------------------------------------------------------------
@@ -240,7 +254,7 @@ class StepModel(Dynamics):
             return self._extend(t, xp, act, s, log_r)
         s = self.lm.sample_steps(xp.contexts, step_delimiter=self.step_delimiter,
                                  max_step_tokens=self.max_step_tokens, temperature=self.temperature,
-                                 generator=torch_generator(rng, str(self.lm.device)))
+                                 generator=torch_generator(rng, str(self.lm.device)), **self._controls)
         return self._extend(t, xp, act, s)
 
     def _extend(self, t: int, xp: StepState, act: np.ndarray, s: StepSample,

@@ -42,7 +42,8 @@ returns log ψ(x_i v) for row i and token v:
 (EOS, the ``stop`` pattern, the last step), so that ``complete`` scores it, as ``Tilted``
 will.
 
-Scope: one token per step (``step_delimiter=None``). The generic sampler reads
+Scope: one token per step (``step_delimiter=None``), temperature only: ``StepModel`` refuses a
+twist together with ``top_p`` / ``top_k`` / ``min_p`` (``NotImplementedError``). The generic sampler reads
 ``lm.next_token_logprobs`` on whole rows (a backend's KV-cached ``sample_steps`` is not
 used), so any ``LanguageModel`` works, HF included, at the cost of re-reading contexts.
 """

@@ -13,9 +13,12 @@ last partial KV block of each row.
 
 **Log-probabilities.** vLLM returns the log-probability of each sampled token under
 the distribution selected by the engine option ``logprobs_mode``. This backend sets
-``logprobs_mode="processed_logprobs"`` (after temperature), which is ``log_q``, the
-proposal q_τ ∝ p^(1/τ). At τ = 1, ``log_p = log_q``. At τ ≠ 1, ``log_p`` (the model's own
-probability of the step) needs the untempered distribution, which vLLM does not return
+``logprobs_mode="processed_logprobs"`` (after temperature, min-p, top-k and top-p, in that
+order: vLLM's ``Sampler.sample``), which is ``log_q``, the proposal q ∝ p^(1/τ) truncated
+by the controls ``top_p``, ``top_k``, ``min_p`` (sent as ``SamplingParams``; same semantics
+as ``ppl_scaling.models.lm.process_logprobs``). At τ = 1 with no truncation,
+``log_p = log_q``. Otherwise ``log_p`` (the model's own probability of the step) needs the
+unprocessed distribution, which vLLM does not return
 next to the processed one: it is read from a second, scoring request
 (``prompt_logprobs`` of the context plus the step; vLLM skips the prefix cache for such
 requests, so it costs one prefill of each row). ``exact_log_p=False`` skips it and
@@ -192,13 +195,15 @@ class VLLMLanguageModel(EngineLanguageModel):
 
     # -- step sampling -----------------------------------------------------------------
     def request_steps(self, rows: Sequence[Sequence[int]], *, stop: str | None, max_tokens: int,
-                      temperature: float, seeds: Sequence[int]) -> list[StepReply]:
+                      temperature: float, seeds: Sequence[int], top_p: float = 1.0, top_k: int | None = None,
+                      min_p: float = 0.0) -> list[StepReply]:
         """One ``LLM.generate`` call with a request per row (module docstring)."""
         if self.logprobs and self.mode != "processed_logprobs":
             raise ValueError(f"VLLMLanguageModel needs the engine option logprobs_mode='processed_logprobs' "
                              f"(the proposal's log-probabilities), got {self.mode!r}")
         eos_ids = self.eos_token_ids
-        common = dict(temperature=temperature, max_tokens=max_tokens, logprobs=0 if self.logprobs else None,
+        common = dict(temperature=temperature, top_p=float(top_p), top_k=int(top_k or 0), min_p=float(min_p),
+                      max_tokens=max_tokens, logprobs=0 if self.logprobs else None,
                       stop=[] if stop is None else [stop], include_stop_str_in_output=True,
                       stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
         rows = self._fit(rows, max_tokens)

@@ -187,3 +187,29 @@ def test_killing_a_replica_mid_run_loses_no_results(servers):
     assert lm.client.retries >= 1 and b.served >= 20
     assert [r["completions"] for r in rows] == [r["completions"] for r in reference]
     assert [r["answer"] for r in rows] == [r["answer"] for r in reference]
+
+
+@needs_vllm
+def test_sampling_controls_through_server_match_hf(servers, hf):
+    """top_k / top_p / min_p reach the server: its processed log-probabilities equal our
+    truncated proposal (``process_logprobs``) on the HF model; log p from the scoring request."""
+    from ppl_scaling.models.lm import process_logprobs
+
+    kw = dict(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05)
+    lm = OpenAICompatibleLanguageModel(servers[0].url, "toy", tokenizer=TOY)
+    ctx = lm.start([lm.encode(toy_problems(1)[0].prompt)]).take(np.zeros(6, dtype=np.int64))
+    s = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12,
+                        generator=torch_generator(np.random.default_rng(2)), **kw)
+    for i in range(6):
+        ids = list(ctx.ids[i]) + s.token_ids[i]
+        with torch.no_grad():
+            logits = hf.model(input_ids=torch.tensor([ids])).logits[0].float()
+        lq, lp = process_logprobs(logits[len(ctx.ids[i]) - 1:-1], **kw)
+        idx, n = torch.tensor(s.token_ids[i])[:, None], len(s.token_ids[i])
+        assert s.log_q[i] == pytest.approx(float(lq.gather(1, idx).sum()), abs=TOL * n)
+        assert s.log_p[i] == pytest.approx(float(lp.gather(1, idx).sum()), abs=TOL * n)
+    greedy = lm.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, top_k=1,
+                             generator=torch_generator(np.random.default_rng(2)))
+    assert len({tuple(t) for t in greedy.token_ids}) == 1
+    np.testing.assert_allclose(greedy.log_q, 0.0, atol=1e-5)
+    lm.close()

@@ -198,6 +198,51 @@ def test_context_length_refused_with_the_lengths_or_truncated(engine):
         VLLMLanguageModel(llm=engine.llm, truncate="right")
 
 
+CONTROLS = dict(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05)
+
+
+def hf_truncated_step_logprobs(hf: HFLanguageModel, context, step, kw) -> tuple[float, float]:
+    """log q (tempered, truncated, renormalised: ``process_logprobs``) and log p of ``step``."""
+    from ppl_scaling.models.lm import process_logprobs
+
+    with torch.no_grad():
+        logits = hf.model(input_ids=torch.tensor([list(context) + list(step)])).logits[0].float()
+    lq, lp = process_logprobs(logits[len(context) - 1:-1], **kw)
+    idx = torch.tensor(step)[:, None]
+    return float(lq.gather(1, idx).sum()), float(lp.gather(1, idx).sum())
+
+
+def test_sampling_controls_match_hf_processed_logprobs(engine, hf):
+    """top_k / top_p / min_p with temperature: vLLM's processed log-probabilities (after its
+    sampler's temperature, min-p, top-k, top-p) equal our truncated proposal on the HF model,
+    and log p (scoring request) the model's own."""
+    prompts = [p.prompt for p in toy_problems(3)]
+    ctx = engine.start([engine.encode(p) for p in prompts]).take(np.repeat(np.arange(3), 4))
+    s = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12,
+                            generator=torch_generator(np.random.default_rng(3)), **CONTROLS)
+    # a truncation-only proposal (tau = 1) also needs the scoring request: log q != log p
+    s1 = engine.sample_steps(ctx, step_delimiter="\n", max_step_tokens=12, top_k=3,
+                             generator=torch_generator(np.random.default_rng(4)))
+    for sample, kw in ((s, CONTROLS), (s1, dict(top_k=3))):
+        for i in range(len(ctx)):
+            n = len(sample.token_ids[i])
+            lq, lp = hf_truncated_step_logprobs(hf, ctx.ids[i], sample.token_ids[i], kw)
+            assert math.isfinite(lq), "vLLM sampled a token our proposal drops"
+            assert sample.log_q[i] == pytest.approx(lq, abs=TOL * n)
+            assert sample.log_p[i] == pytest.approx(lp, abs=TOL * n)
+    assert (s1.log_q >= s1.log_p - 1e-4).all() and (s1.log_q > s1.log_p + 1e-6).any()
+
+
+def test_step_model_passes_controls_to_vllm(engine):
+    gen = StepModel(engine, toy_problems(1)[0].prompt, step_delimiter="\n", max_steps=2, max_step_tokens=8,
+                    top_k=1)
+    from ppl_scaling import smc
+
+    x = smc(gen, 4, seed=0).particles
+    assert len(set(x.token_ids)) == 1          # top_k=1: greedy, every particle the same
+    np.testing.assert_allclose(x.log_q, 0.0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory):
     """The bundled toy PRM, or (until it is trained) a sequence classifier on the toy LM's backbone."""
@@ -246,3 +291,4 @@ def test_vllm_prm_matches_hf_and_drives_the_filter(engine, prm_dir):
                           stop=r"A:-?\d+\n"), prm)
     res = smc(fk, 8, seed=0)
     assert np.isfinite(res.log_evidence) and all(res.particles.finished)
+
