@@ -83,6 +83,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when available, else cpu), cpu or cuda (default: auto; recorded in the results)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--temperature", type=_temperature, default=None, help="LLM sampling temperature (default: the task's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top tokens of mass top_p (default: off)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most probable tokens (default: off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below min_p times the most probable one's probability (default: off)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="most steps per generation (default: the task's)")
     p.add_argument("--max-step-tokens", type=_positive_int, default=None,
                    help="most tokens per step (default: the task's; keep it below the model's context length)")
@@ -166,8 +170,14 @@ def _task(args, lm, num_problems=None, dataset=None):
 
 def _config_changes(args) -> dict:
     """The generation settings given on the command line (the others stay the task's)."""
-    given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens}
-    return {k: v for k, v in given.items() if v is not None}
+    given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens,
+             "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if {"top_p", "top_k", "min_p"} & set(changes):   # refuse bad values before any model loads
+        from .models.lm import check_sampling
+
+        check_sampling(1.0, changes.get("top_p", 1.0), changes.get("top_k"), changes.get("min_p", 0.0))
+    return changes
 
 
 def _eval(args) -> int:

@@ -208,3 +208,14 @@ def test_math_eval_on_a_bundled_gsm8k_fixture_keeps_difficulty_and_subject(tmp_p
     capsys.readouterr()
     assert main([*args, "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r3.jsonl")]) == 2
     assert "missing.jsonl" in error_of(capsys.readouterr().err) and not (tmp_path / "r3.jsonl").exists()
+
+
+def test_sampling_controls_are_recorded_and_bad_ones_refused_before_loading(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert main(["eval", "--methods", "self_consistency", "--budgets", "2", "--problems", "1", "--top-p", "1.5",
+                 "--out", str(out)]) == 2
+    assert "top_p must be in (0, 1]" in error_of(capsys.readouterr().err) and not out.exists()
+    assert main(["eval", "--methods", "self_consistency", "--budgets", "2", "--problems", "1", "--top-p", "0.9",
+                 "--top-k", "5", "--min-p", "0.05", "--out", str(out)]) == 0
+    settings = header_of(out)["settings"]
+    assert (settings["top_p"], settings["top_k"], settings["min_p"]) == (0.9, 5, 0.05)
