@@ -4,6 +4,8 @@
 
 Each notebook runs top to bottom in ``tutorials/`` (as ``tests/test_tutorials.py`` runs it)
 and is written back with its outputs, so the plots show where the repository is browsed.
+Standard-error streams (progress bars of model loading, library warnings) are not stored:
+they are about this machine's run, not the tutorial.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 def execute(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
     nbformat.write(nb, path)
     print("executed", path)
 
