@@ -27,7 +27,8 @@ from ppl_scaling.models.toy import TOY_LM_PATH
 from ppl_scaling.models.twist import CharClass, sample_twisted_tokens, token_log_potential, token_pieces
 from ppl_scaling.models.types import Partial
 from ppl_scaling.potentials import Potential
-from test_step_model import BIGRAM, CHARS, ABReward, BigramLM, assert_logp_matches_recompute, exact_posterior
+from test_step_model import (BIGRAM, CHARS, ABReward, BigramLM, assert_logp_matches_recompute, check_unbiased,
+                             exact_posterior)
 
 
 def q_table(temperature):
@@ -78,30 +79,6 @@ def only_a_posterior(T, temperature=1.0):
             post[tuple(CHARS[t] if t != 3 else "" for t in seq)] = prob
     Z = sum(post.values())
     return {s: v / Z for s, v in post.items()}, Z
-
-
-def check_unbiased(fk, post, Z, *, R, N, ess_threshold, seed, min_lengths=3):
-    keys = {s: i for i, s in enumerate(post)}
-    rng = np.random.default_rng(seed)
-    ratio, mass = np.zeros(R), np.zeros((R, len(keys)))
-    lengths = set()
-    for r in range(R):
-        res = pps.smc(fk, N, ess_threshold=ess_threshold, rng=rng)
-        ratio[r] = np.exp(res.log_evidence - np.log(Z))
-        for w, s in zip(res.weights, res.particles.steps):
-            if w > 0:
-                mass[r, keys[s]] += ratio[r] * w
-            lengths.add(len(s))
-    assert len(lengths) >= min_lengths
-    se = ratio.std(ddof=1) / np.sqrt(R)
-    assert abs(ratio.mean() - 1.0) < 4.5 * se + 1e-9, (ratio.mean(), se)
-    pi = np.array(list(post.values()))
-    est, est_se = mass.mean(0), mass.std(0, ddof=1) / np.sqrt(R)
-    big = pi > 0.01
-    z = (est[big] - pi[big]) / est_se[big]
-    assert np.abs(z).max() < 4.5, (z, pi[big])
-    return ratio
-
 
 # -- the optimal twist -----------------------------------------------------------------
 
