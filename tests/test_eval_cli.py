@@ -219,3 +219,15 @@ def test_sampling_controls_are_recorded_and_bad_ones_refused_before_loading(tmp_
                  "--top-k", "5", "--min-p", "0.05", "--out", str(out)]) == 0
     settings = header_of(out)["settings"]
     assert (settings["top_p"], settings["top_k"], settings["min_p"]) == (0.9, 5, 0.05)
+
+
+def test_results_header_records_what_produced_it(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert main(["eval", "--methods", "self_consistency", "--budgets", "1", "--problems", "1", "--out", str(out)]) == 0
+    prov = header_of(out)["info"]["provenance"]
+    import torch
+
+    import ppl_scaling
+    assert prov["ppl_scaling"] == ppl_scaling.__version__ and prov["packages"]["torch"] == torch.__version__
+    assert prov["python"].count(".") == 2 and "transformers" in prov["packages"]
+    assert prov["git_commit"] is None or len(prov["git_commit"].split("+")[0]) == 40
