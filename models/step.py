@@ -224,15 +224,19 @@ class StepModel(Dynamics):
     def logpt(self, t: int, xp: StepState, x: StepState) -> np.ndarray:
         """Transition log-density of M (for ancestor / backward sampling): log q_τ of x_i's last
         step after xp_i's steps when x_i extends xp_i by one step, 0 when xp_i had finished and
-        x_i is xp_i, -inf otherwise (a state holds its whole history)."""
-        out = np.full(x.num_particles, -np.inf)
-        for i, (prev, new) in enumerate(zip(xp.token_ids, x.token_ids)):
+        x_i is xp_i, -inf otherwise (a state holds its whole history). A 1-particle ``x`` is
+        broadcast against every particle of ``xp``."""
+        out = np.full(xp.num_particles, -np.inf)
+        one = x.num_particles == 1
+        for i, prev in enumerate(xp.token_ids):
+            j = 0 if one else i
+            new = x.token_ids[j]
             if xp.finished[i]:
                 out[i] = 0.0 if new == prev else -np.inf
-            elif len(x.steps[i]) == len(xp.steps[i]) + 1 and new[:len(prev)] == prev:
-                out[i] = x.log_q[i] - xp.log_q[i]
-                if x.log_r is not None and np.isfinite(x.log_r[i]):  # the twisted proposal's density
-                    out[i] -= x.log_r[i]
+            elif len(x.steps[j]) == len(xp.steps[i]) + 1 and new[:len(prev)] == prev:
+                out[i] = x.log_q[j] - xp.log_q[i]
+                if x.log_r is not None and np.isfinite(x.log_r[j]):  # the twisted proposal's density
+                    out[i] -= x.log_r[j]
         return out
 
     def view(self, t: int, x: StepState) -> list[Partial]:

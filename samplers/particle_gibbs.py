@@ -128,11 +128,20 @@ def require_logpt(fk: Any, what: str) -> None:
 
 
 def transition_log_weights(fk: Any, t: int, xp: Any, x_next: Any, N: int) -> np.ndarray:
-    """log M_t(xp_i, x) + log G_t(xp_i, x) for every particle xp_i and the one state ``x_next``."""
-    x = take(x_next, np.zeros(N, dtype=np.int64))
+    """log M_t(xp_i, x) + log G_t(xp_i, x) for every particle xp_i and the one state ``x_next``.
+    ``x_next`` is passed as it is, a 1-particle state that ``logpt`` / ``logG`` broadcast against the
+    N particles ``xp`` (copying it N times would copy an LLM state's KV cache N times per step)."""
     with np.errstate(invalid="ignore"):
-        return (as_log_potential(fk.logpt(t, xp, x), N, t, "logpt")
-                + as_log_potential(fk.logG(t, xp, x), N, t))
+        return (as_log_potential(_broadcast(fk.logpt(t, xp, x_next), N), N, t, "logpt")
+                + as_log_potential(_broadcast(fk.logG(t, xp, x_next), N), N, t))
+
+
+def _broadcast(value: Any, N: int) -> Any:
+    """A (1,) result of a broadcast evaluation as (N,); other shapes as they are (validated later)."""
+    if hasattr(value, "detach"):  # torch
+        value = value.detach().to("cpu").numpy()
+    arr = np.asarray(value)
+    return np.broadcast_to(arr, (N,)) if arr.shape == (1,) else arr
 
 
 def draw_trajectory_backward(result: SMCResult, fk: Any, rng: np.random.Generator) -> list[Any]:
