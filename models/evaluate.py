@@ -52,12 +52,15 @@ too) and ``math`` (a user's dataset, read by ``datasets.load_problems``: MATH / 
 GSM8K or AIME-style records in a JSONL or JSON file, a saved ``datasets`` folder or a
 hub id; each item keeps its level as ``difficulty`` and its ``subject``, both in the rows;
 answers from ``\\boxed{}``, "A: ..." or "The answer is ..."; graded by
-``answers.grade`` with a timeout; the prompt is the model's chat template when it has
-one). Problem ids must be unique. ``scaling_comparison`` is the toy comparison
+``answers.grade`` with a timeout). A math item is a ``Question`` (the problem and the system
+prompt): the policy reads it through its chat template (``MethodConfig.chat_template``:
+the tokenizer's own by default, another Jinja template, or plain text), each reward model
+reads the raw problem and formats it its own way. Problem ids must be unique. ``scaling_comparison`` is the toy comparison
 ``make demo`` runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -80,7 +83,8 @@ from ppl_scaling.ledger import Ledger
 from . import toy
 from .answers import grade
 from .datasets import Dataset, load_problems
-from .harness import MethodConfig, needs_reward, parse_method, run_method
+from .harness import MethodConfig, MethodRun, needs_reward, parse_method, run_method
+from .types import Question
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +99,11 @@ PASS_AT_K_RULES = ("argmax_reward", "majority_vote", "best_of_majority")
 
 @dataclass(frozen=True)
 class Item:
+    """One problem: its id, what the policy is asked (prompt text, or a ``Question`` it
+    formats with its chat template), the reference answer, level and subject."""
+
     id: str
-    prompt: str
+    prompt: str | Question
     answer: str
     difficulty: int | None = None
     subject: str | None = None
@@ -234,18 +241,20 @@ def arithmetic_task(num_problems: int | None = None, dataset: str | Path | None 
                 dataset_name=Path(dataset).name if dataset is not None else f"toy:{split}")
 
 
-def math_task(dataset: str | Path | Dataset, lm: Any, num_problems: int | None = None,
-              system_prompt: str = MATH_SYSTEM_PROMPT, config: MethodConfig = MethodConfig(),
+def math_task(dataset: str | Path | Dataset, num_problems: int | None = None,
+              system_prompt: str | None = MATH_SYSTEM_PROMPT, config: MethodConfig = MethodConfig(),
               grading_timeout_s: float = GRADING_TIMEOUT_S) -> Task:
     """A user's math dataset for a real model: steps separated by blank lines, a particle
-    stops at ``\\boxed``; the prompt is the chat template (system + user) when the
-    tokenizer has one, else the problem and a blank line. Answers are graded by
+    stops at ``\\boxed``; each item is a ``Question`` (the problem with ``system_prompt``;
+    None or "": none), which the policy reads through ``config.chat_template`` (default: its
+    tokenizer's chat template, else the system prompt and problem as plain text). Answers are graded by
     ``answers.grade`` within ``grading_timeout_s`` seconds each. ``dataset``: anything
     ``datasets.load_problems`` reads (MATH / GSM8K / AIME-style JSONL or JSON, a saved
     ``datasets`` folder, a hub id) or its ``Dataset``; levels and subjects go into the rows."""
     _check_count(num_problems)
     data = dataset if isinstance(dataset, Dataset) else load_problems(dataset)
-    items = tuple(Item(r.id, chat_prompt(lm, r.problem, system_prompt), r.answer, r.level, r.subject)
+    system_prompt = system_prompt or None
+    items = tuple(Item(r.id, Question(r.problem, system_prompt), r.answer, r.level, r.subject)
                   for r in data.records[:num_problems])
 
     def correct(answer: Any, gold: str) -> Any:
@@ -254,15 +263,6 @@ def math_task(dataset: str | Path | Dataset, lm: Any, num_problems: int | None =
     correct.__qualname__ = "math_task.grade"
     return Task("math", items, config, correct, dataset_hash=data.content_hash(), dataset_name=data.name,
                 system_prompt=system_prompt, grading_timeout_s=grading_timeout_s)
-
-
-def chat_prompt(lm: Any, problem: str, system_prompt: str | None = MATH_SYSTEM_PROMPT) -> str:
-    tok = getattr(lm, "tokenizer", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        return problem.rstrip() + "\n\n"
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    messages.append({"role": "user", "content": problem})
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _existing(path: str | Path) -> Path:
@@ -506,13 +506,16 @@ def _check_items(task: Task) -> None:
 
 def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Sequence[int], out: str | Path, *,
              seed: int = 0, model_name: str | Path = "", prm_name: str | Path = "", progress: bool = True,
-             retry_errors: bool = False, backend: str | None = None, device: str | None = None) -> list[dict]:
+             retry_errors: bool = False, backend: str | None = None, device: str | None = None,
+             save_completions: bool = False) -> list[dict]:
     """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``.
 
     ``model_name`` / ``prm_name``: what the models were loaded from (a local folder or a
     hub id), for their identity in the file's settings (``run_settings``). A run that
     raises becomes an error row and the evaluation goes on; ``retry_errors`` reruns the
-    runs whose rows are error rows. Duplicate methods and budgets count once."""
+    runs whose rows are error rows. Duplicate methods and budgets count once.
+    ``save_completions``: also write every run's candidates to ``completions_path(out)``
+    (``completions_row``), so results can be re-graded without the models (``regrade``)."""
     methods = _unique(str(m) for m in methods)
     for m in methods:
         parse_method(m)  # unknown names and rules raise here, before any run
@@ -533,29 +536,42 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
             "problems": len(task.items)}
     jobs = [{"problem_id": it.id, "method": m, "budget": b, "_item": it}
             for it in task.items for m in methods for b in budgets]
-    with ResultsFile(out, KEY, settings=settings, info=info) as results:
-        if results.repaired:
-            logger.warning("%s: %s", out, results.repaired)
+    with contextlib.ExitStack() as stack:
+        results = stack.enter_context(ResultsFile(out, KEY, settings=settings, info=info))
+        saved = (stack.enter_context(ResultsFile(completions_path(out), KEY, settings=settings, info=info))
+                 if save_completions else None)
+        for f in (results, saved):
+            if f is not None and f.repaired:
+                logger.warning("%s: %s", f.path, f.repaired)
         todo = []
         for j in jobs:
             row = results.get(j)
             if row is None or (retry_errors and is_error_row(row)):
                 todo.append(j)
+        if len(todo) < len(jobs):
+            logger.info("%s: %d of %d runs are already done (skipped; rerun with --retry-errors to redo the "
+                        "failed ones)", out, len(jobs) - len(todo), len(jobs))
+        if saved is not None:
+            unsaved = sum(1 for j in jobs if (r := results.get(j)) is not None and not is_error_row(r)
+                          and not saved.done(j))
+            if unsaved:
+                logger.warning("%s: %d finished runs have no saved completions (they ran without "
+                               "save_completions); only the runs from now on are saved", out, unsaved)
         from tqdm.auto import tqdm
 
         for job in tqdm(todo, desc="eval", disable=not progress, unit="run"):
             item, method, budget = job["_item"], job["method"], job["budget"]
             try:
-                row = run_row(task, lm, prm, item, method, budget, settings)
+                run = run_job(task, lm, prm, item, method, budget, settings)
+                row = result_row(task, item, run)
             except Exception as e:  # noqa: BLE001 -- one failing run must not stop the others
-                row = error_row(item, method, budget, e)
+                row, run = error_row(item, method, budget, e), None
                 logger.warning("run failed: problem %s, %s, budget %d: %s (an error row was written; "
                                "rerun with --retry-errors to retry)", clip(item.id, 60), method, budget,
                                clip(row["error"], 200))
-            if results.done(job):
-                results.replace(row)
-            else:
-                results.write(row)
+            if saved is not None and run is not None:   # the completions first: a results row is never
+                _put(saved, completions_row(item, run, row))   # without the completions it was graded from
+            _put(results, row)
         return list(results.rows)
 
 
@@ -582,11 +598,24 @@ def _graded(task: Task, answer: Any, gold: str) -> tuple[bool, bool]:
     return bool(g), False
 
 
-def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
-            settings: dict[str, Any]) -> dict[str, Any]:
-    """One run as a result row (its ledger as columns). Each distinct answer is graded once."""
+def _put(results: ResultsFile, row: dict[str, Any]) -> None:
+    """Write ``row``, replacing the row of the same run if there is one (a retried run)."""
+    if results.done(row):
+        results.replace(row)
+    else:
+        results.write(row)
+
+
+def run_job(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
+            settings: dict[str, Any]) -> MethodRun:
+    """One run of ``method`` on ``item``, with its own generator (``job_rng``)."""
     rng = job_rng(settings["seed"], item.id, method, budget)
-    run = run_method(method, lm, item.prompt, prm=prm, budget=budget, rng=rng, config=task.config)
+    return run_method(method, lm, item.prompt, prm=prm, budget=budget, rng=rng, config=task.config)
+
+
+def result_row(task: Task, item: Item, run: MethodRun) -> dict[str, Any]:
+    """A run as a result row (its ledger as columns). Each distinct answer is graded once."""
+    method, budget = run.method, run.budget
     grades: dict[str, tuple[bool, bool]] = {}
 
     def graded(answer: Any) -> bool:
@@ -609,6 +638,144 @@ def run_row(task: Task, lm: Any, prm: Any, item: Item, method: str, budget: int,
         "pass_at_k": pass_at_k_column(run, hits),
         "difficulty": item.difficulty, "subject": item.subject,
     }
+
+
+def completions_path(out: str | Path) -> Path:
+    """Where ``evaluate(..., save_completions=True)`` keeps the candidates of the runs of
+    ``out``: ``results.jsonl`` -> ``results.completions.jsonl`` (same header and keys)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".completions" + (out.suffix or ".jsonl"))
+
+
+def _floats(values: Any) -> list[float | None] | None:
+    """JSON numbers (None for -inf / NaN, e.g. a rejected particle's weight)."""
+    if values is None:
+        return None
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
+
+
+def completions_row(item: Item, run: MethodRun, row: dict[str, Any]) -> dict[str, Any]:
+    """What a run's candidates were, to re-grade and inspect it offline: the question as
+    asked and the policy's prompt text, every candidate's completion, extracted answer,
+    log-weight and final reward (null for -inf), its tokens, the answer rule, and the run's
+    log Z, ESS trace and resampling steps."""
+    question = item.prompt.text if isinstance(item.prompt, Question) else item.prompt
+    result = run.result
+    tokens = getattr(result.particles, "num_tokens", None)
+    return {"problem_id": item.id, "method": run.method, "budget": run.budget, "gold": item.answer,
+            "question": question, "prompt": getattr(result.particles, "prompt", None),
+            "selection_rule": result.info.get("selection_rule", "argmax_weight"),
+            "min_share": float(result.info.get("min_share", 0.2)),
+            "completions": list(run.completions),
+            "answers": [None if a is None else str(a) for a in run.answers],
+            "log_weights": _floats(result.log_weights), "rewards": _floats(result.rewards),
+            "num_tokens": None if tokens is None else [int(t) for t in tokens],
+            "log_evidence": _finite(result.log_evidence), "ess": _floats(result.ess),
+            "resampled": [bool(r) for r in np.asarray(result.resampled)],
+            "answer": row["answer"], "correct": row["correct"]}
+
+
+def _array(values: Sequence[float | None], missing: float) -> np.ndarray:
+    return np.array([missing if v is None else v for v in values], dtype=np.float64)
+
+
+def saved_run(record: dict[str, Any], row: dict[str, Any], config: MethodConfig) -> MethodRun:
+    """A run rebuilt from its saved candidates (``completions_row``) and its results row (the
+    ledger and fallback): answers re-extracted with ``config.extract`` and re-selected by the
+    run's rule, as ``run_method`` selected them."""
+    from ppl_scaling.result import SMCResult
+
+    log_weights = _array(record["log_weights"], -np.inf)
+    result = SMCResult(
+        particles=None, log_weights=log_weights,
+        log_evidence=np.nan if record["log_evidence"] is None else float(record["log_evidence"]),
+        ess=_array(record["ess"], np.nan), resampled=np.array(record["resampled"], dtype=bool),
+        log_evidence_increments=np.zeros(0),
+        ledger=Ledger(**{f.name: row.get(f.name, 0) for f in dataclasses.fields(Ledger)}),
+        info={"selection_rule": record["selection_rule"], "min_share": record["min_share"],
+              "fallback": row.get("fallback")},
+        rewards=None if record["rewards"] is None else _array(record["rewards"], -np.inf))
+    answers = [config.extract(c) for c in record["completions"]]
+    return MethodRun(record["method"], int(record["budget"]), result, list(record["completions"]), answers,
+                     result.select(answers, key=config.key), config.key)
+
+
+def _run_key(row: dict[str, Any]) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def regrade_task(settings: dict[str, Any]) -> Task:
+    """The answer extraction and grader of a results file's task (``arithmetic`` or ``math``),
+    checked against what its header records."""
+    name = settings.get("task")
+    if name == "arithmetic":
+        task = Task("arithmetic", (), ARITHMETIC_CONFIG, arithmetic_correct)
+    elif name == "math":
+        timeout = settings.get("grading_timeout_s") or GRADING_TIMEOUT_S
+
+        def correct(answer: Any, gold: str) -> Any:
+            return grade(answer, gold, timeout_s=timeout)
+
+        correct.__qualname__ = "math_task.grade"
+        task = Task("math", (), MethodConfig(), correct, grading_timeout_s=timeout)
+    else:
+        raise ValueError(f"cannot tell how to re-grade task {name!r}; pass task=... (a Task with the answer "
+                         "extraction and grader to use)")
+    for field in ("extract", "key"):
+        if settings.get(field) != _name(getattr(task.config, field)):
+            raise ValueError(f"the results were graded with {field} = {settings.get(field)!r}, not this version's "
+                             f"{_name(getattr(task.config, field))!r}; pass task=... with that {field}")
+    return task
+
+
+def regrade(results: str | Path, out: str | Path, *, task: Task | None = None, progress: bool = True) -> list[dict]:
+    """Re-grade the runs of ``results`` from their saved completions (``evaluate(...,
+    save_completions=True)``), without the models: answers are re-extracted and
+    re-selected, then graded by ``task`` (default: the task the header records, with this
+    version's extraction and grader; pass a ``Task`` to grade otherwise). Writes ``out``
+    (with its own completions file) like ``evaluate``: resumable, refused if it holds
+    other settings; ``out`` must not be ``results``. Error rows are copied; runs without saved
+    completions are left out (logged). Returns the rows of ``out``."""
+    results, out = Path(results), Path(out)
+    if not results.is_file() or not completions_path(results).is_file():
+        raise FileNotFoundError(f"need {results} and its saved completions {completions_path(results)} "
+                                "(run `ppl-scaling eval ... --save-completions`)")
+    if out.resolve() in (results.resolve(), completions_path(results).resolve()):
+        raise ValueError(f"--out {out} would overwrite the results being re-graded; pass another file")
+    with ResultsFile(results, KEY) as source, ResultsFile(completions_path(results), KEY) as saved:
+        settings, rows = source.settings, list(source.rows)
+        records = ({_run_key(r): r for r in saved.rows} if saved.settings_id == source.settings_id else None)
+    if records is None:
+        raise ValueError(f"{completions_path(results)} was written with other settings than {results}")
+    task = task or regrade_task(settings)
+    settings = {**settings, "grader": _name(task.correct), "grading_timeout_s": task.grading_timeout_s}
+    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "regraded_from": results.name, "provenance": provenance()}
+    missing = 0
+    from tqdm.auto import tqdm
+
+    with ResultsFile(out, KEY, settings=settings, info=info) as target, \
+            ResultsFile(completions_path(out), KEY, settings=settings, info=info) as kept:
+        for row in tqdm(rows, desc="regrade", disable=not progress, unit="run"):
+            if target.done(row):
+                continue
+            if is_error_row(row):
+                target.write({k: v for k, v in row.items() if k != "settings_id"})
+                continue
+            record = records.get(_run_key(row))
+            if record is None:
+                missing += 1
+                continue
+            item = Item(row["problem_id"], record["question"], record["gold"], row.get("difficulty"),
+                        row.get("subject"))
+            run = saved_run(record, row, task.config)
+            new = result_row(task, item, run)
+            _put(kept, {**completions_row(item, run, new), "prompt": record["prompt"],
+                        "num_tokens": record["num_tokens"]})
+            target.write(new)
+        if missing:
+            logger.warning("%s: %d runs have no saved completions and are not in %s", results, missing, out)
+        return list(target.rows)
 
 
 def _finite(x: Any, digits: int = 6) -> float | None:

@@ -14,7 +14,10 @@ What ``run_method`` does:
 1. ``"name:rule"`` picks the method ``METHODS[name]`` and, optionally, the answer rule
    (``ppl_scaling.result.SELECTION_RULES``; default ``config.selection``, else the
    method's own, ``result.info["selection_rule"]``);
-2. the dynamics: a fresh ``StepModel`` from ``config`` (``config.step_model(lm, prompt)``);
+2. the dynamics: a fresh ``StepModel`` from ``config`` (``config.step_model(lm, prompt)``); a
+   ``Question`` (raw text, system prompt) is formatted for the policy by its chat template
+   (``config.chat_template``), while reward models read the raw question
+   (``Partial.question``) and format it their own way;
 3. the potential: the PRM read as log p (``prm.configured(transform="log")``; any other
    potential as it is), so its value is p. Presets re-read it as they need (the PF paper's
    ``particle_filtering`` as logit p). ``self_consistency`` runs without one;
@@ -26,7 +29,9 @@ What ``run_method`` does:
    the PRM, or the rule reads rewards (``best_of_majority``, ``argmax_reward``), the final
    PRM score log p(x) of every candidate becomes ``result.rewards`` (read from the cache,
    after the ledger is closed, so it costs the method nothing);
-6. the answer is ``result.select(answers, rule, key=config.key)``.
+6. the answer is ``result.select(answers, rule, key=config.key)``; a rule given (``:rule`` or
+   ``config.selection``) replaces ``result.info["selection_rule"]``, so ``run.select()``
+   gives ``run.answer``.
 
 The presets that need a minimum budget (``particle_gibbs``: N >= 4, ``parallel_tempering``:
 N >= 4 K) refuse smaller ones when called directly; ``run_method`` (an evaluation sweeps
@@ -53,7 +58,9 @@ from ppl_scaling.result import SELECTION_RULES, SMCResult
 from ppl_scaling.samplers import DIFFUSION_METHODS, METHODS
 
 from .answers import extract_answer, normalize_answer
+from .chat import format_question
 from .step import StepModel
+from .types import Question
 
 __all__ = ["MethodConfig", "MethodRun", "run_method", "parse_method", "needs_reward", "method_options",
            "log_potential", "answer_key", "llm_posterior_fields", "LLM_METHODS", "WITHOUT_REWARD",
@@ -79,7 +86,9 @@ class MethodConfig:
     ``softmax_temperature``: the PF presets' 1 / lam; ``beam_width``: beam search / DVTS;
     ``pg_sweeps``: particle Gibbs sweeps; ``pt_lams`` / ``pt_sweeps``: parallel tempering.
     ``top_p`` / ``top_k`` / ``min_p``: truncation of the proposal (off: 1.0, None, 0.0; see
-    ``StepModel`` and ``ppl_scaling.models.lm``).
+    ``StepModel`` and ``ppl_scaling.models.lm``). ``chat_template``: how the policy reads a
+    ``Question`` (``ppl_scaling.models.chat``: None, the tokenizer's own; a Jinja template;
+    ``"none"``, plain text).
     """
 
     step_delimiter: str | None = "\n\n"
@@ -99,12 +108,19 @@ class MethodConfig:
     top_p: float = 1.0
     top_k: int | None = None
     min_p: float = 0.0
+    chat_template: str | None = None
 
-    def step_model(self, lm: Any, prompt: str) -> StepModel:
-        """The dynamics of a run: stepwise generation from ``lm`` after ``prompt``."""
+    def step_model(self, lm: Any, prompt: str | Question) -> StepModel:
+        """The dynamics of a run: stepwise generation from ``lm`` after ``prompt``; a
+        ``Question`` is formatted for the policy (``chat_template``) and its raw text is what
+        reward models read."""
+        question = None
+        if isinstance(prompt, Question):
+            question = prompt.text
+            prompt = format_question(getattr(lm, "tokenizer", None), prompt, chat_template=self.chat_template)
         return StepModel(lm, prompt, step_delimiter=self.step_delimiter, max_steps=self.max_steps,
                          max_step_tokens=self.max_step_tokens, temperature=self.temperature, stop=self.stop,
-                         top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+                         top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, question=question)
 
 
 @dataclass(frozen=True)
@@ -195,10 +211,11 @@ def log_potential(prm: Any) -> Potential:
     return as_potential(prm.configured(transform="log") if hasattr(prm, "configured") else prm)
 
 
-def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: int,
+def run_method(method: str, lm: Any, prompt: str | Question, *, prm: Any = None, budget: int,
                rng: np.random.Generator, config: MethodConfig = MethodConfig(),
                allow_fallback: bool = True) -> MethodRun:
-    """Run ``method`` ("name" or "name:rule") with budget N = ``budget`` on ``prompt`` (module docstring).
+    """Run ``method`` ("name" or "name:rule") with budget N = ``budget`` on ``prompt`` (module
+    docstring): the policy's prompt text, or a ``Question`` (formatted by ``config.step_model``).
     ``allow_fallback=False``: presets refuse budgets too small for them instead of running
     the PF paper's filter (``result.info["fallback"]``)."""
     name, rule = parse_method(method)
@@ -222,7 +239,9 @@ def run_method(method: str, lm: Any, prompt: str, *, prm: Any = None, budget: in
     if potential is not None and (result.rewards is not None or rule in REWARD_RULES):
         # cached for every method that scored the candidates during the run
         result = replace(result, rewards=potential.score(partials, np.ones(len(partials), dtype=bool)))
-    answer = result.select(answers, rule, key=config.key)
+    if rule:   # the run's rule, so that run.select() and saved records agree with run.answer
+        result = replace(result, info={**result.info, "selection_rule": rule})
+    answer = result.select(answers, key=config.key)
     run = MethodRun(method, int(budget), result, completions, answers, answer, config.key)
     fields = llm_posterior_fields(run)   # so that run.result.to_arviz() shows the candidates
     return replace(run, result=replace(result, info={**result.info, "posterior_fields": fields}))

@@ -1,4 +1,4 @@
-"""Reward models as potentials over batches of ``Partial(prompt, steps, finished)``.
+"""Reward models as potentials over batches of ``Partial(prompt, steps, finished, question)``.
 
     prm = ProcessRewardModel.from_pretrained(path, aggregation="last", transform="log")
     prm.score(partials, finished)            # (N,) rewards = log-values (ppl_scaling.potentials)
@@ -8,8 +8,11 @@ A process reward model (PRM) gives each step j of a solution a probability p_j t
 solution is still correct after it, read by a step scorer (``ppl_scaling.models.scorers``:
 a Hugging Face model, or a Python step checker through ``ProcessRewardModel.from_function``).
 
-Step scores are cached by (prompt, steps so far), so in SMC each step of each particle is
-scored once, also across resampled copies. Aggregations of the step scores of a prefix
+A reward model reads the raw question (``Partial.question``), never the policy's templated
+prompt, and formats it its own way (an HF PRM: its chat template, system prompt and step
+separator; a judge: its template and chat template). Step scores are cached by (question,
+steps so far), so in SMC each step of each particle is scored once, also across resampled
+copies. Aggregations of the step scores of a prefix
 with K steps: ``last`` p_K, ``min`` min_j p_j, ``prod`` prod_j p_j, ``model`` (the PF
 paper's "model aggregation") the score of the whole completion read as one step. The
 reward is a *transform* of the aggregate p, made explicit: ``log`` (log p: the potential
@@ -38,12 +41,13 @@ from ppl_scaling.errors import PotentialError
 from ppl_scaling.ledger import record, recording
 from ppl_scaling.potentials import Potential
 
+from .chat import RAW, format_question
 from .scorers import FunctionScorer, HFStepScorer, StepRequest
-from .types import Partial
+from .types import Partial, Question
 
 __all__ = [
     "ProcessRewardModel", "OutcomeRewardModel", "Verifier", "LLMJudge", "AGGREGATIONS", "TRANSFORMS",
-    "transform_log_p",
+    "transform_log_p", "question_of",
 ]
 
 AGGREGATIONS = ("last", "min", "prod", "model")
@@ -61,6 +65,11 @@ def _partials(xs: Any, who: object) -> list[Partial]:
                 f"(ppl_scaling.models.types.Partial), got {type(x).__name__}"
             )
     return xs
+
+
+def question_of(x: Any) -> str:
+    """The raw question a reward model reads: ``x.question`` (a ``Partial``), else ``x.prompt``."""
+    return getattr(x, "question", None) or x.prompt
 
 
 def transform_log_p(log_p: np.ndarray, transform: str) -> np.ndarray:
@@ -112,7 +121,7 @@ class ProcessRewardModel(Potential):
     @classmethod
     def from_function(cls, fn: Callable[[str, tuple[str, ...]], Sequence[float]], *, aggregation: str = "last",
                       transform: str = "log", name: str | None = None) -> ProcessRewardModel:
-        """A PRM from a Python step checker: ``fn(prompt, steps)`` gives the probability
+        """A PRM from a Python step checker: ``fn(question, steps)`` gives the probability
         (or a bool: correct / not) of every step; e.g. an exact checker as a perfect PRM.
         With ``transform="log"`` a False step rejects the particle (log 0 = -inf)."""
         return cls(FunctionScorer(fn), aggregation=aggregation, transform=transform, name=name)
@@ -130,7 +139,7 @@ class ProcessRewardModel(Potential):
         ``model`` aggregation the completion as one step. Only unseen prefixes reach
         the model, each once."""
         xs = _partials(xs, self)
-        views = [(x.prompt, tuple(x.steps) if self.aggregation != "model" else
+        views = [(question_of(x), tuple(x.steps) if self.aggregation != "model" else
                   ((x.completion,) if x.steps else ())) for x in xs]
         todo: dict[tuple[str, tuple[str, ...]], int] = {}
         for prompt, steps in views:
@@ -240,7 +249,7 @@ class Verifier(Potential):
         return self._check(xs)
 
 
-JUDGE_TEMPLATE = "{prompt}{completion}\nIs this solution correct? Answer Yes or No.\nAnswer: "
+JUDGE_TEMPLATE = "{question}{completion}\nIs this solution correct? Answer Yes or No.\nAnswer: "
 
 
 class LLMJudge(Potential):
@@ -253,6 +262,11 @@ class LLMJudge(Potential):
     token. The context / answer split is the longest common prefix of
     encode(text) and encode(text + answer), so BOS tokens and merges are handled.
     Finished generations only, unless ``on_prefix``. Scores are cached by text.
+    The judge reads the raw question: ``template`` fills ``{question}`` (the raw question),
+    ``{completion}`` and, if it names it, ``{prompt}`` (the policy's templated prompt).
+    ``chat_template``: None (default) wraps the filled template as the user turn of the
+    judge's own chat template when its tokenizer has one (the answer is then scored as the
+    start of the assistant's turn), a Jinja string another template, ``"none"`` plain text.
     Compute: the language model's backend records its forward passes and context tokens
     in the ledger (an LM that records nothing gets one forward pass and its contexts as
     ``prefill_tokens`` recorded here instead); ``score`` counts ``reward_calls``. So the
@@ -260,10 +274,11 @@ class LLMJudge(Potential):
     """
 
     def __init__(self, lm: Any, *, template: str = JUDGE_TEMPLATE, yes: str = "Yes", no: str | None = "No",
-                 on_prefix: bool = False, name: str | None = None) -> None:
+                 on_prefix: bool = False, name: str | None = None, chat_template: str | None = None) -> None:
         if "{completion}" not in template:
-            raise ValueError("the judge template must contain '{completion}' (and usually '{prompt}')")
+            raise ValueError("the judge template must contain '{completion}' (and usually '{question}')")
         self.lm, self.template, self.yes, self.no, self.on_prefix = lm, template, yes, no, on_prefix
+        self.chat_template = chat_template
         self.name = name or "LLMJudge"
         self._cache: dict[str, float] = {}
 
@@ -290,7 +305,7 @@ class LLMJudge(Potential):
         return out
 
     def _judge(self, xs: Any) -> np.ndarray:
-        texts = [self.template.format(prompt=x.prompt, completion=x.completion) for x in _partials(xs, self)]
+        texts = [self.text(x) for x in _partials(xs, self)]
         new = sorted(set(texts) - self._cache.keys())
         if new:
             r = self._answer_logprobs(new, self.yes)
@@ -298,6 +313,14 @@ class LLMJudge(Potential):
                 r = r - np.logaddexp(r, self._answer_logprobs(new, self.no))
             self._cache.update(zip(new, r.tolist()))
         return np.array([self._cache[t] for t in texts])
+
+    def text(self, x: Partial) -> str:
+        """The judge's prompt for ``x`` (its answer ``yes`` / ``no`` is scored after it)."""
+        filled = self.template.format(question=question_of(x), prompt=x.prompt, completion=x.completion)
+        tokenizer = getattr(self.lm, "tokenizer", None)
+        if self.chat_template == RAW or (self.chat_template is None and not getattr(tokenizer, "chat_template", None)):
+            return filled
+        return format_question(tokenizer, Question(filled.rstrip()), chat_template=self.chat_template)
 
     def prefix(self, xs: Any) -> np.ndarray:
         return self._judge(xs) if self.on_prefix else np.zeros(len(_partials(xs, self)))

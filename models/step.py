@@ -75,6 +75,7 @@ class StepState:
     particle, in particle order."""
 
     prompt: str
+    question: str               # the raw question reward models read (``Partial.question``)
     steps: tuple[tuple[str, ...], ...]
     token_ids: tuple[tuple[int, ...], ...]  # generated tokens per particle (EOS included)
     finished: np.ndarray        # (N,) bool
@@ -99,7 +100,8 @@ class StepState:
     def take(self, idx: Sequence[int] | np.ndarray) -> StepState:
         idx = np.asarray(idx, dtype=np.int64)
         alive = idx[~self.finished[idx]]
-        return StepState(self.prompt, tuple(self.steps[i] for i in idx), tuple(self.token_ids[i] for i in idx),
+        return StepState(self.prompt, self.question, tuple(self.steps[i] for i in idx),
+                         tuple(self.token_ids[i] for i in idx),
                          self.finished[idx], self.log_p[idx], self.log_q[idx],
                          self.contexts.take(self._rows()[alive]), None if self.log_r is None else self.log_r[idx])
 
@@ -123,12 +125,13 @@ class StepState:
         if self.log_r is not None or other.log_r is not None:
             zeros = np.zeros(len(mask))
             log_r = pick(zeros if self.log_r is None else self.log_r, zeros if other.log_r is None else other.log_r)
-        return StepState(self.prompt, pick(self.steps, other.steps), pick(self.token_ids, other.token_ids),
+        return StepState(self.prompt, self.question, pick(self.steps, other.steps),
+                         pick(self.token_ids, other.token_ids),
                          pick(self.finished, other.finished), pick(self.log_p, other.log_p),
                          pick(self.log_q, other.log_q), contexts, log_r)
 
     def partials(self) -> list[Partial]:
-        return [Partial(self.prompt, s, bool(f)) for s, f in zip(self.steps, self.finished)]
+        return [Partial(self.prompt, s, bool(f), self.question) for s, f in zip(self.steps, self.finished)]
 
     def completions(self) -> list[str]:
         """The generated text of each particle (steps joined, prompt excluded)."""
@@ -145,12 +148,16 @@ class StepModel(Dynamics):
     ψ(x v) twist the proposal (module docstring); needs ``step_delimiter=None``.
     ``top_p``, ``top_k``, ``min_p``: truncation of the proposal (``ppl_scaling.models.lm``; off:
     1, None or 0, 0), validated here; not combined with ``twist`` (``NotImplementedError``).
+    ``question``: the raw question reward models read (``Partial.question``) when ``prompt``
+    is the policy's formatting of it (``MethodConfig.step_model`` builds both from a
+    ``Question``); default: the prompt itself.
     """
 
     def __init__(self, lm: LanguageModel, prompt: str, *, step_delimiter: str | None = "\n\n",
                  max_steps: int = 40, max_step_tokens: int = 256, temperature: float = 1.0,
                  stop: str | Callable[[str], bool] | None = None, target: str = "tempered",
-                 twist: Any = None, top_p: float = 1.0, top_k: int | None = None, min_p: float = 0.0) -> None:
+                 twist: Any = None, top_p: float = 1.0, top_k: int | None = None, min_p: float = 0.0,
+                 question: str | None = None) -> None:
         if not isinstance(prompt, str) or prompt == "":
             raise ValueError("StepModel needs a non-empty prompt string; for unconditional generation "
                              "pass the model's BOS text (or any start text) as the prompt")
@@ -175,6 +182,7 @@ class StepModel(Dynamics):
         if not self.prompt_ids:
             raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
         self.lm, self.prompt = lm, prompt
+        self.question = prompt if question is None else str(question)
         self.step_delimiter, self.max_step_tokens = step_delimiter, int(max_step_tokens)
         self.temperature, self.target = float(temperature), target
         self.top_p, self.top_k, self.min_p = top_p, top_k, min_p
@@ -197,7 +205,7 @@ class StepModel(Dynamics):
             self._prompt_contexts = (Contexts([self.prompt_ids]) if self.twist is not None
                                      else self.lm.start([self.prompt_ids]))
         zeros = np.zeros(N)
-        x = StepState(self.prompt, ((),) * N, ((),) * N, np.zeros(N, dtype=bool), zeros, zeros,
+        x = StepState(self.prompt, self.question, ((),) * N, ((),) * N, np.zeros(N, dtype=bool), zeros, zeros,
                       self._prompt_contexts.take(np.zeros(N, dtype=np.int64)),
                       None if self.twist is None else zeros)
         return self._advance(0, x, rng)
@@ -283,7 +291,7 @@ class StepModel(Dynamics):
         if log_r is not None:
             r = np.zeros(xp.num_particles)
             r[act] = log_r
-        return StepState(self.prompt, tuple(steps), tuple(token_ids), finished, log_p, log_q,
+        return StepState(self.prompt, self.question, tuple(steps), tuple(token_ids), finished, log_p, log_q,
                          s.contexts.take(np.flatnonzero(~fin)), r)
 
     def _sample_twisted(self, t: int, xp: StepState, act: np.ndarray,
@@ -309,7 +317,7 @@ class StepModel(Dynamics):
                 for j, i in enumerate(act):
                     done = "".join(xp.steps[i])
                     finished[j] |= [bool(self.stop(done + s)) for s in pieces]
-        partials = [Partial(self.prompt, xp.steps[i], False) for i in act]
+        partials = [Partial(self.prompt, xp.steps[i], False, self.question) for i in act]
         log_psi = token_log_potential(self.twist, partials, pieces, finished)
         gen = torch_generator(rng, str(getattr(logprobs, "device", self.lm.device)))
         tok, log_q, log_p, log_r = sample_twisted_tokens(logprobs, log_psi, self.temperature, gen)

@@ -110,7 +110,7 @@ def token_log_potential(twist: Any, partials: Sequence[Partial], pieces: Sequenc
         return total
     if not isinstance(twist, Potential):
         twist = as_potential(twist)
-    ext = [Partial(p.prompt, p.steps + (piece,), bool(f))
+    ext = [Partial(p.prompt, p.steps + (piece,), bool(f), p.question)
            for p, fin in zip(partials, finished) for piece, f in zip(pieces, fin)]
     return twist.score(ext, finished.reshape(-1)).reshape(n, V)
 

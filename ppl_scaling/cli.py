@@ -1,8 +1,10 @@
-"""Command line: ``ppl-scaling demo | eval | report | run``.
+"""Command line: ``ppl-scaling demo | eval | report | regrade | run``.
 
     ppl-scaling eval --task arithmetic --methods particle_filtering,best_of_n,self_consistency \\
         --budgets 1,4,16,64 --problems 200 --seed 0 --out results.jsonl
     ppl-scaling report results.jsonl --plot scaling.png
+    ppl-scaling eval ... --save-completions --out results.jsonl   # + results.completions.jsonl
+    ppl-scaling regrade results.jsonl --out regraded.jsonl       # no models needed
     ppl-scaling run --prompt $'Q:24+5-4\\n' --method particle_filtering --budget 16
 
 ``eval`` appends one JSON line per (problem, method, budget) and resumes when rerun
@@ -12,7 +14,10 @@ Ctrl-C stops it with nothing lost. A run that fails is written as an error row a
 the eval goes on; ``--retry-errors`` reruns those. ``--model`` / ``--prm`` take a local
 directory or a Hugging Face hub id (default for ``--task arithmetic``: the bundled toy
 LM and PRM); ``--dataset`` a JSONL file with ``problem`` and ``answer`` per line
-(``--task math`` for a real model's math problems).
+(``--task math`` for a real model's math problems). ``--save-completions`` keeps every
+run's candidates so that ``regrade`` can re-extract, re-select and re-grade the answers
+without the models. ``--verbose`` also logs runs skipped on resume, retries and replica
+health; warnings (a failed run, a repaired file) always show.
 
 Exit codes: 0 done; 1 ``eval`` finished but some runs failed (error rows); 2 an error
 (one line on stderr, ``ppl-scaling: error: ...``; ``--debug`` adds the traceback);
@@ -92,6 +97,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens per step (default: the task's; keep it below the model's context length)")
     p.add_argument("--prm-aggregation", choices=["last", "min", "prod", "model"], default="last",
                    help="how the PRM's step scores make a prefix score (default: last)")
+    p.add_argument("--system-prompt", default=None,
+                   help="--task math: the system prompt the policy is asked with (default: a step-by-step, "
+                        "\\boxed{} instruction; '' for none); reward models use their own")
+    p.add_argument("--chat-template", default=None,
+                   help="how the policy reads a question: a Jinja file or template text, or 'none' for plain "
+                        "text (default: the tokenizer's chat template); reward models use their own")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the PRM's own code (needed by Qwen2.5-Math-PRM)")
 
@@ -100,6 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="on an error, show the full traceback")
+    debug.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                       help="also log what goes on: runs skipped on resume, retries, replica health")
     parser = _Parser(prog="ppl-scaling", description="Inference-time scaling as posterior sampling.",
                      parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +134,15 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retry-errors", action="store_true",
                     help="rerun the runs that failed (the error rows of --out), replacing their rows")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--save-completions", action="store_true",
+                    help="also keep every candidate (text, answer, weight, reward) and each run's log Z and ESS "
+                         "in OUT's .completions.jsonl, to re-grade (`ppl-scaling regrade`) and inspect offline")
+
+    rg = sub.add_parser("regrade", parents=[debug],
+                        help="re-grade an eval's runs from their saved completions, without the models")
+    rg.add_argument("results", help="results JSONL of `ppl-scaling eval --save-completions`")
+    rg.add_argument("--out", required=True, help="the re-graded results JSONL (resumable; never the input)")
+    rg.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rp = sub.add_parser("report", parents=[debug], help="accuracy table and scaling plots from results JSONL")
     rp.add_argument("results", help="results JSONL written by `ppl-scaling eval`")
@@ -156,7 +178,7 @@ def _models(args) -> tuple[object, object, str, str]:
     return lm, prm, model, prm_path or ""
 
 
-def _task(args, lm, num_problems=None, dataset=None):
+def _task(args, num_problems=None, dataset=None):
     from .models import evaluate as ev
 
     if args.task == "arithmetic":
@@ -164,14 +186,18 @@ def _task(args, lm, num_problems=None, dataset=None):
     else:
         if dataset is None:
             raise ValueError("--task math needs --dataset (a JSONL / JSON file, a saved dataset folder or a hub id)")
-        task = ev.math_task(dataset, lm, num_problems)
+        system = ev.MATH_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+        task = ev.math_task(dataset, num_problems, system_prompt=system)
     return ev.with_config(task, **_config_changes(args))
 
 
 def _config_changes(args) -> dict:
     """The generation settings given on the command line (the others stay the task's)."""
+    from .models.chat import read_chat_template
+
     given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens,
-             "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+             "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+             "chat_template": read_chat_template(args.chat_template)}
     changes = {k: v for k, v in given.items() if v is not None}
     if {"top_p", "top_k", "min_p"} & set(changes):   # refuse bad values before any model loads
         from .models.lm import check_sampling
@@ -197,13 +223,15 @@ def _eval(args) -> int:
         args.dataset = load_problems(args.dataset)   # ... a bad dataset (loaded once) ...
     elif args.dataset is not None:
         ev.read_dataset(args.dataset)   # ... a bad dataset ...
+    _config_changes(args)               # ... bad sampling controls or chat template ...
     ResultsFile.peek(args.out, ev.KEY)  # ... and an --out that is not a results file, or busy: before the models load
     lm, prm, model, prm_path = _models(args)
-    task = _task(args, lm, args.problems, args.dataset)
+    task = _task(args, args.problems, args.dataset)
     try:
         rows = ev.evaluate(task, lm, prm, args.methods, args.budgets, args.out, seed=args.seed,
                            model_name=model, prm_name=prm_path, progress=not args.no_progress,
-                           retry_errors=args.retry_errors, backend=args.backend, device=args.device)
+                           retry_errors=args.retry_errors, backend=args.backend, device=args.device,
+                           save_completions=args.save_completions)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
               file=sys.stderr)
@@ -231,9 +259,11 @@ def _run(args) -> int:
         prompt = toy.Problem("prompt", str(start) + "".join(f"{o}{b}" for o, b in ops), 0).prompt
         config = ARITHMETIC_CONFIG
     else:
-        from .models.evaluate import chat_prompt
+        from .models.evaluate import MATH_SYSTEM_PROMPT
+        from .models.types import Question
 
-        prompt, config = chat_prompt(lm, args.prompt), MethodConfig()
+        system = MATH_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt or None
+        prompt, config = Question(args.prompt, system), MethodConfig()
     config = dataclasses.replace(config, **_config_changes(args))
     run = run_method(args.method, lm, prompt, prm=prm, budget=args.budget,
                      rng=np.random.default_rng(args.seed), config=config)
@@ -272,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     debug = getattr(args, "debug", False)
     log = logging.getLogger("ppl_scaling")
-    handler = _StderrHandler(logging.WARNING)
+    handler = _StderrHandler(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     log.addHandler(handler)
+    level = log.level
+    log.setLevel(min(level or logging.WARNING, handler.level))
     propagate, log.propagate = log.propagate, False
     try:
         if args.command == "demo":
@@ -286,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report(args.results, args.plot, compare=args.compare, resamples=args.resamples,
                          seed=args.bootstrap_seed))
+            return 0
+        if args.command == "regrade":
+            from .models.evaluate import regrade
+            from .models.report import accuracy_table, format_table
+
+            print(format_table(accuracy_table(regrade(args.results, args.out, progress=not args.no_progress))))
             return 0
         return _eval(args) if args.command == "eval" else _run(args)
     except KeyboardInterrupt:
@@ -307,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.removeHandler(handler)
         log.propagate = propagate
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -349,15 +349,17 @@ blank lines and a particle stops at `\boxed`:
 ```python
 from ppl_scaling.models.hf import HFLanguageModel
 from ppl_scaling.models.rewards import ProcessRewardModel
-from ppl_scaling.models.evaluate import chat_prompt
 from ppl_scaling.models.harness import MethodConfig, run_method
+from ppl_scaling.models.types import Question
 
 lm = HFLanguageModel.from_pretrained("Qwen/Qwen2.5-Math-1.5B-Instruct", device="cuda", dtype="bfloat16")
 prm = ProcessRewardModel.from_pretrained("Qwen/Qwen2.5-Math-PRM-7B", device="cuda", dtype="bfloat16",
                                          trust_remote_code=True, aggregation="model")
 config = MethodConfig(step_delimiter="\n\n", max_steps=40, max_step_tokens=512, temperature=0.8, stop=r"\\boxed")
-out = run_method("particle_filtering", lm, chat_prompt(lm, "What is the sum of the first 20 odd numbers?"),
-                 prm=prm, budget=32, rng=np.random.default_rng(0), config=config)
+question = Question("What is the sum of the first 20 odd numbers?",
+                    system_prompt="Please reason step by step, and put your final answer within \\boxed{}.")
+out = run_method("particle_filtering", lm, question,   # the policy reads it through its chat template,
+                 prm=prm, budget=32, rng=np.random.default_rng(0), config=config)   # the PRM through its own
 out.answer, out.weighted_answers(), out.ledger
 ```
 
@@ -367,8 +369,7 @@ are the texts; `res.rewards` are the paper's final rewards logit p, where `run_m
 ```python
 from ppl_scaling.samplers import pf_paper
 
-res = pf_paper(config.step_model(lm, chat_prompt(lm, "What is the sum of the first 20 odd numbers?")), 32,
-               potential=prm, seed=0)
+res = pf_paper(config.step_model(lm, question), 32, potential=prm, seed=0)
 res.rewards, res.ledger
 ```
 

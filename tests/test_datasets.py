@@ -126,22 +126,22 @@ def test_a_saved_datasets_folder_and_a_hub_id(tmp_path, monkeypatch):
 
 
 def test_math_task_items_keep_level_and_subject_and_the_hash_covers_the_content(tmp_path):
-    task = ev.math_task(FIXTURES / "math500.jsonl", lm=None)
+    task = ev.math_task(FIXTURES / "math500.jsonl")
     assert [(it.id, it.answer, it.difficulty, it.subject) for it in task.items][:2] == [
         ("test/prealgebra/1.json", "7", 1, "Prealgebra"), ("test/algebra/7.json", "\\frac{1}{2}", 2, "Algebra")]
     assert task.dataset_name == "math500.jsonl" and task.dataset_hash.startswith("sha256:")
-    assert ev.math_task(FIXTURES / "math500.jsonl", lm=None, num_problems=2).dataset_hash == task.dataset_hash
+    assert ev.math_task(FIXTURES / "math500.jsonl", num_problems=2).dataset_hash == task.dataset_hash
     copy = tmp_path / "copy.jsonl"
     text = (FIXTURES / "math500.jsonl").read_text()
     copy.write_text(text)
-    assert ev.math_task(copy, lm=None).dataset_hash == task.dataset_hash          # content, not the name
+    assert ev.math_task(copy).dataset_hash == task.dataset_hash          # content, not the name
     copy.write_text(text.replace('"answer": "5"', '"answer": "6"'))
-    assert ev.math_task(copy, lm=None).dataset_hash != task.dataset_hash
+    assert ev.math_task(copy).dataset_hash != task.dataset_hash
     copy.write_text(text.replace('"level": 3', '"level": 4'))
-    assert ev.math_task(copy, lm=None).dataset_hash != task.dataset_hash
+    assert ev.math_task(copy).dataset_hash != task.dataset_hash
     plain = tmp_path / "plain.jsonl"       # a plain {problem, answer} file keeps its pre-loader hash
     plain.write_text('{"id": "a", "problem": "Q:3+4", "answer": "7"}\n')
-    assert ev.math_task(plain, lm=None).dataset_hash == ev.content_hash([("a", "Q:3+4", "7")])
+    assert ev.math_task(plain).dataset_hash == ev.content_hash([("a", "Q:3+4", "7")])
 
 
 # --- devices -------------------------------------------------------------------------------

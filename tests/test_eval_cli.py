@@ -122,14 +122,21 @@ def test_math_task_with_a_user_dataset_and_the_run_command(tmp_path, capsys):
     data = tmp_path / "math.jsonl"
     data.write_text('{"id": "a", "problem": "Q:3+4", "answer": "7"}\n')
     out = tmp_path / "r.jsonl"
+    # the toy LM has no chat template and a 128-token context: the default system prompt
+    # (prepended as plain text, never dropped) does not fit, and is refused in an error row
     assert main(["eval", "--task", "math", "--dataset", str(data), "--methods", "self_consistency", "--budgets", "2",
-                 "--max-step-tokens", "24", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH)]) == 0
+                 "--max-step-tokens", "24", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH)]) == 1
+    assert "exceeds the context length" in rows_of(out)[0]["error"]
+    out = tmp_path / "r2.jsonl"
+    assert main(["eval", "--task", "math", "--dataset", str(data), "--methods", "self_consistency", "--budgets", "2",
+                 "--max-step-tokens", "24", "--out", str(out), "--no-progress", "--model", str(TOY_LM_PATH),
+                 "--system-prompt", ""]) == 0
     (row,) = rows_of(out)
     assert row["problem_id"] == "a" and row["tokens"] > 0 and isinstance(row["correct"], bool)
     assert row["grading_timeouts"] == 0
     settings = header_of(out)["settings"]
-    assert settings["task"] == "math" and settings["system_prompt"] and settings["grading_timeout_s"] == 5.0
-    assert settings["max_step_tokens"] == 24
+    assert settings["task"] == "math" and settings["system_prompt"] is None and settings["grading_timeout_s"] == 5.0
+    assert settings["max_step_tokens"] == 24 and settings["chat_template"] is None
 
     assert main(["run", "--prompt", "24+5-4", "--budget", "4", "--method", "particle_filtering", *MODELS]) == 0
     text = capsys.readouterr().out
@@ -193,7 +200,8 @@ def test_math_eval_on_a_bundled_gsm8k_fixture_keeps_difficulty_and_subject(tmp_p
     fixtures = Path(__file__).parent / "fixtures"
     out = tmp_path / "r.jsonl"
     args = ["eval", "--task", "math", "--methods", "self_consistency", "--budgets", "1", "--max-steps", "2",
-            "--max-step-tokens", "16", "--no-progress", "--model", str(TOY_LM_PATH)]
+            "--max-step-tokens", "16", "--no-progress", "--model", str(TOY_LM_PATH),
+            "--system-prompt", ""]   # the toy LM's 128-token context has no room for a system prompt
     assert main([*args, "--dataset", str(fixtures / "gsm8k.jsonl"), "--out", str(out)]) == 0
     rows = rows_of(out)
     assert [(r["problem_id"], r["gold"]) for r in rows] == [("line-1", "7"), ("line-2", "7"), ("line-3", "1234")]
