@@ -48,7 +48,8 @@ def qwen_tokenizer():
 def _config(tok, **extra):
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # head_dim 32: vLLM's CPU attention supports it (16 is refused)
+    return Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), **extra)
