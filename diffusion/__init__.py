@@ -4,6 +4,9 @@
   (state x_t, one reverse step per FK step, ``view`` = decoded x0 predictions / samples);
   ``ppl_scaling.Tilted`` steers it by a reward. Methods (FK steering, SVDD, noise search,
   best-of-N) live in ``ppl_scaling.samplers``.
+- ``FlowMatchingModel`` (``flow``): rectified-flow models (SD3, Flux style) sampled by the SDE with
+  the flow ODE's marginals, so resampled copies diverge and FK steering targets p(x) exp(lam r(x));
+  ``DenoisingDynamics`` is what both share (state, moves, views, soft values).
 - ``process``: the diffusers scheduler adapter (``ReverseProcess``); ``schedules``: FK's sparse
   resampling schedules (``fk_schedule``, ``potential_steps``).
 - ``rewards``: classifier, JPEG compressibility, brightness, lazy CLIP / aesthetic loaders.
@@ -14,9 +17,10 @@
 from . import rewards
 from .gmm import GaussianMixture, LinearReward, QuadraticReward
 from .masked import MaskedDiffusionModel
-from .model import DiffusionModel, DiffusionState, soft_value
+from .flow import FlowMatchingModel, FlowProcess
+from .model import DenoisingDynamics, DiffusionModel, DiffusionState, soft_value
 from .process import ReverseProcess
 from .schedules import fk_schedule, potential_steps
 
-__all__ = ["DiffusionModel", "DiffusionState", "ReverseProcess", "fk_schedule", "potential_steps", "soft_value",
+__all__ = ["DiffusionModel", "DenoisingDynamics", "FlowMatchingModel", "FlowProcess", "DiffusionState", "ReverseProcess", "fk_schedule", "potential_steps", "soft_value",
            "MaskedDiffusionModel", "GaussianMixture", "LinearReward", "QuadraticReward", "rewards"]

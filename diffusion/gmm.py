@@ -8,7 +8,12 @@ x_t = a x0 + b ε (a² = ᾱ_t, b² = 1 - ᾱ_t) everything is closed form:
     E[x0 | x_t]        = Σ_k w_k(x_t) [μ_k + a Σ_k S_k⁻¹ (x_t - a μ_k)]
     ε_hat = (x_t - a x0_hat) / b,     v_hat = a ε_hat - b x0_hat
 
-so ``GaussianMixture.denoiser(scheduler)`` is the Bayes-optimal denoiser for any
+and E[ε | x_t] = Σ_k w_k(x_t) b S_k⁻¹ (x_t - a μ_k) (``posterior``, any a, b). Under the
+rectified flow x_t = (1 - t) x0 + t ε (a = 1 - t, b = t; t from 1, noise, to 0, data) the
+flow-matching velocity is v(x_t, t) = E[ε - x0 | x_t] = (x_t - E[x0 | x_t]) / t
+(``GaussianMixture.velocity``, for ``diffusion.flow.FlowMatchingModel``).
+
+``GaussianMixture.denoiser(scheduler)`` is the Bayes-optimal denoiser for any
 diffusers scheduler and ``prediction_type`` (build the scheduler with ``clip_sample=False``:
 the default clips x0 predictions to [-1, 1]). Tilts by linear and quadratic rewards
 stay in the family (``GaussianMixture.tilt``):
@@ -122,26 +127,40 @@ class GaussianMixture:
     def mean(self) -> np.ndarray:
         return self.weights @ self.means
 
-    def posterior_mean(self, x_t: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-        """E[x0 | x_t] under the forward process with ᾱ = ``alpha_bar``; x_t of shape (N, d)."""
+    def posterior(self, x_t: torch.Tensor, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x0 | x_t], E[ε | x_t]) for x_t = a x0 + b ε, ε ~ N(0, I); x_t of shape (N, d).
+        Per component, x_t | k ~ N(a μ_k, S_k) with S_k = a² Σ_k + b² I, Cov(x0, x_t | k) = a Σ_k and
+        Cov(ε, x_t | k) = b I, so E[x0 | x_t, k] = μ_k + a Σ_k S_k⁻¹ r_k and E[ε | x_t, k] = b S_k⁻¹ r_k,
+        r_k = x_t - a μ_k, mixed with the posterior weights w_k(x_t)."""
         dt = x_t.dtype
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
         if x.shape[1] != self.dim:
             raise ValueError(f"x_t of shape {tuple(x_t.shape)} does not fit a {self.dim}-dimensional mixture; "
                              f"use sample_shape=({self.dim},)")
-        a, b2 = float(np.sqrt(alpha_bar)), 1.0 - float(alpha_bar)
         mu = torch.as_tensor(self.means, dtype=torch.float64, device=x.device)
         cov = torch.as_tensor(self.covs, dtype=torch.float64, device=x.device)
-        S = a * a * cov + b2 * torch.eye(self.dim, dtype=torch.float64, device=x.device)
+        S = a * a * cov + b * b * torch.eye(self.dim, dtype=torch.float64, device=x.device)
         S_inv = torch.linalg.inv(S)
         logdet = torch.linalg.slogdet(S)[1]
-        diff = x[:, None, :] - a * mu[None]                                    # (N, K, d)
-        sol = torch.einsum("kij,nkj->nki", S_inv, diff)                        # S_k⁻¹ (x - a μ_k)
+        diff = x[:, None, :] - a * mu[None]                                    # r_k, (N, K, d)
+        sol = torch.einsum("kij,nkj->nki", S_inv, diff)                        # S_k⁻¹ r_k
         log_w = torch.log(torch.as_tensor(self.weights, dtype=torch.float64, device=x.device)) \
             - 0.5 * ((diff * sol).sum(-1) + logdet)
-        w = torch.softmax(log_w, dim=1)                                         # (N, K)
-        comp = mu[None] + a * torch.einsum("kij,nkj->nki", cov, sol)            # E[x0 | x_t, k]
-        return (w[..., None] * comp).sum(1).to(dt).reshape(x_t.shape)
+        w = torch.softmax(log_w, dim=1)[..., None]                              # (N, K, 1)
+        x0 = (w * (mu[None] + a * torch.einsum("kij,nkj->nki", cov, sol))).sum(1)
+        eps = b * (w * sol).sum(1)
+        return x0.to(dt).reshape(x_t.shape), eps.to(dt).reshape(x_t.shape)
+
+    def posterior_mean(self, x_t: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+        """E[x0 | x_t] under the forward process with ᾱ = ``alpha_bar``; x_t of shape (N, d)."""
+        return self.posterior(x_t, float(np.sqrt(alpha_bar)), float(np.sqrt(1.0 - alpha_bar)))[0]
+
+    def velocity(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """The rectified-flow velocity v(x_t, t) = E[ε - x0 | x_t] for x_t = (1 - t) x0 + t ε
+        (``posterior`` with a = 1 - t, b = t; no division by t, so exact down to t = 0);
+        the velocity a ``diffusion.flow.FlowMatchingModel`` takes, at flow time t in [0, 1]."""
+        x0, eps = self.posterior(x_t, 1.0 - float(t), float(t))
+        return eps - x0
 
     def denoiser(self, scheduler: Any) -> "GMMDenoiser":
         """The exact denoiser for ``scheduler``'s ᾱ table and ``prediction_type``."""

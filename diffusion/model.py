@@ -36,6 +36,10 @@ particles comes from it, so a run is reproducible given (seed, N). A determinist
 (DDIM with eta = 0) is refused unless ``allow_deterministic=True`` (noise search, where the
 sample is a function of the initial noise): resampled copies of it would stay identical.
 
+``DenoisingDynamics`` implements all of this for any process with ``ReverseProcess``'s interface:
+``DiffusionModel`` puts a diffusers scheduler under it, ``diffusion.flow.FlowMatchingModel`` the
+reverse SDE of a flow-matching model (SD3, Flux).
+
     model = DiffusionModel(unet, DDPMScheduler(...), (3, 32, 32), num_inference_steps=50)
     result = ppl_scaling.smc(Tilted(model, brightness, lam=10.0), num_particles=8, seed=0)
     images = result.particles.x
@@ -56,7 +60,7 @@ from ppl_scaling.state import num_particles, take
 
 from .process import STOCHASTIC_WITH_ETA, Denoiser, ReverseProcess
 
-__all__ = ["DiffusionModel", "DiffusionState", "soft_value"]
+__all__ = ["DenoisingDynamics", "DiffusionModel", "DiffusionState", "soft_value"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,38 +82,28 @@ class DiffusionState:
                               None if self.cond is None else take(self.cond, idx))
 
 
-class DiffusionModel(Dynamics):
-    """The reverse diffusion of ``denoiser`` on ``scheduler``, as dynamics (module docstring).
+class DenoisingDynamics(Dynamics):
+    """A chain of denoising steps as dynamics: the states, moves, view and rewards of the module
+    docstring, for any ``process`` with the ``ReverseProcess`` interface
 
-    ``denoiser(x_t, timestep)`` (``denoiser(x_t, timestep, cond)`` when ``cond`` is given)
-    returns the scheduler's ``prediction_type`` output. ``decode`` maps x0 predictions and
-    samples to what a potential reads (e.g. a VAE decoder; default: the tensors). ``cond``:
-    optional per-particle conditioning with N rows (tensor, dict or tuple of tensors),
-    reindexed with the latents on resampling.
+        K, timesteps, device         number of steps, the timestep of each level < K, the device
+        start(), noise(N, generator) a fresh chain; N initial states at level 0
+        predict(x, i, cond)          (model output, x0 prediction) at level i < K; records NFEs
+        step(out, i, x, generator)   one step from level i to level i + 1
+        alpha_bar(i)                 ᾱ of level i (the default ``x0_std`` is sqrt(1 - ᾱ))
+
+    (``DiffusionModel``: a diffusers scheduler; ``diffusion.flow.FlowMatchingModel``: a flow SDE).
     """
 
-    def __init__(self, denoiser: Denoiser, scheduler: Any, sample_shape: Iterable[int], *,
-                 num_inference_steps: int = 50, eta: float = 1.0, decode: Callable[[Any], Any] | None = None,
+    def __init__(self, process: Any, *, decode: Callable[[Any], Any] | None = None,
                  intermediate: str | Callable[[torch.Tensor, Any], Any] = "x0", num_x0_samples: int = 4,
-                 x0_std: float | Callable[[float], float] | None = None, cond: Any = None,
-                 allow_deterministic: bool = False, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.process = ReverseProcess(denoiser, scheduler, sample_shape, num_inference_steps=num_inference_steps,
-                                      eta=eta, device=device, dtype=dtype)
-        if not (self.process.stochastic or allow_deterministic):
-            name = self.process.name
-            if name in STOCHASTIC_WITH_ETA:
-                raise ValueError(f"{name} with eta={eta} is deterministic: resampled copies would stay identical. "
-                                 "Use eta > 0 (eta=1.0 is DDPM-like), or a DDPMScheduler "
-                                 "(allow_deterministic=True for noise search)")
-            raise ValueError(f"{name} is not supported as a stochastic sampler: resampling needs a stochastic "
-                             "reverse step. Use DDPMScheduler.from_config(scheduler.config) or "
-                             "DDIMScheduler.from_config(scheduler.config) with eta > 0")
+                 x0_std: float | Callable[[float], float] | None = None, cond: Any = None) -> None:
         if not (intermediate in ("x0", "many") or callable(intermediate)):
             raise ValueError(f"intermediate must be 'x0', 'many' or a callable f(x_t, timestep), got {intermediate!r}")
         if isinstance(num_x0_samples, bool) or not isinstance(num_x0_samples, (int, np.integer)) or num_x0_samples < 1:
             raise ValueError(f"num_x0_samples must be a positive integer, got {num_x0_samples!r}")
-        self.K = self.process.K
+        self.process = process
+        self.K = process.K
         self.T = self.K + 1
         self.decode = decode
         self.intermediate = intermediate
@@ -182,6 +176,37 @@ class DiffusionModel(Dynamics):
         if self.x0_std is None:
             return float(np.sqrt(1.0 - a))
         return float(self.x0_std(a)) if callable(self.x0_std) else float(self.x0_std)
+
+
+class DiffusionModel(DenoisingDynamics):
+    """The reverse diffusion of ``denoiser`` on ``scheduler``, as dynamics (module docstring).
+
+    ``denoiser(x_t, timestep)`` (``denoiser(x_t, timestep, cond)`` when ``cond`` is given)
+    returns the scheduler's ``prediction_type`` output. ``decode`` maps x0 predictions and
+    samples to what a potential reads (e.g. a VAE decoder; default: the tensors). ``cond``:
+    optional per-particle conditioning with N rows (tensor, dict or tuple of tensors),
+    reindexed with the latents on resampling.
+    """
+
+    def __init__(self, denoiser: Denoiser, scheduler: Any, sample_shape: Iterable[int], *,
+                 num_inference_steps: int = 50, eta: float = 1.0, decode: Callable[[Any], Any] | None = None,
+                 intermediate: str | Callable[[torch.Tensor, Any], Any] = "x0", num_x0_samples: int = 4,
+                 x0_std: float | Callable[[float], float] | None = None, cond: Any = None,
+                 allow_deterministic: bool = False, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        process = ReverseProcess(denoiser, scheduler, sample_shape, num_inference_steps=num_inference_steps,
+                                 eta=eta, device=device, dtype=dtype)
+        if not (process.stochastic or allow_deterministic):
+            name = process.name
+            if name in STOCHASTIC_WITH_ETA:
+                raise ValueError(f"{name} with eta={eta} is deterministic: resampled copies would stay identical. "
+                                 "Use eta > 0 (eta=1.0 is DDPM-like), or a DDPMScheduler "
+                                 "(allow_deterministic=True for noise search)")
+            raise ValueError(f"{name} is not supported as a stochastic sampler: resampling needs a stochastic "
+                             "reverse step. Use DDPMScheduler.from_config(scheduler.config) or "
+                             "DDIMScheduler.from_config(scheduler.config) with eta > 0")
+        super().__init__(process, decode=decode, intermediate=intermediate, num_x0_samples=num_x0_samples,
+                         x0_std=x0_std, cond=cond)
 
 
 def soft_value(r: np.ndarray, lam: float) -> np.ndarray:

@@ -29,7 +29,8 @@ import torch
 from ppl_scaling.ledger import record
 from ppl_scaling.rng import torch_generator
 
-__all__ = ["Denoiser", "DenoiserError", "ReverseProcess", "as_tensor_output", "dynamic_threshold", "denoiser_name"]
+__all__ = ["Denoiser", "DenoiserError", "ReverseProcess", "as_tensor_output", "dynamic_threshold", "denoiser_name",
+           "evaluate_denoiser", "first_nonfinite"]
 
 Denoiser = Callable[..., Any]
 
@@ -48,7 +49,7 @@ def denoiser_name(denoiser: Any) -> str:
     return name if isinstance(name, str) else type(denoiser).__name__
 
 
-def _first_bad(t: torch.Tensor) -> tuple[int, int] | None:
+def first_nonfinite(t: torch.Tensor) -> tuple[int, int] | None:
     """(number of samples with a non-finite value, the first such sample), or None if all finite."""
     if not t.is_floating_point() and not t.is_complex():
         return None
@@ -56,6 +57,33 @@ def _first_bad(t: torch.Tensor) -> tuple[int, int] | None:
     if not bool(bad.any()):
         return None
     return int(bad.sum()), int(bad.nonzero()[0, 0])
+
+
+def evaluate_denoiser(denoiser: Denoiser, x: torch.Tensor, t: Any, cond: Any, *, where: str, name: str,
+                      stepper: str, sample_shape: tuple[int, ...], learned_variance: bool = False) -> torch.Tensor:
+    """``denoiser(x, t)`` (``denoiser(x, t, cond)`` when ``cond`` is given) as a tensor, without
+    gradients; records N NFEs. Checks the output's shape (the input's; twice its channels with
+    ``learned_variance``) and finiteness, naming the denoiser ``name``, the level ``where`` and
+    the ``stepper`` whose steps made x."""
+    with torch.no_grad():
+        out = as_tensor_output(denoiser(x, t) if cond is None else denoiser(x, t, cond))
+    record(nfe=int(x.shape[0]))
+    doubled = learned_variance and out.ndim == x.ndim > 1 and out.shape[0] == x.shape[0] \
+        and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]
+    if out.shape != x.shape and not doubled:
+        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}; "
+                         f"sample_shape={sample_shape} must be the denoiser's input shape "
+                         "(without the batch axis)")
+    bad = first_nonfinite(out)
+    if bad is not None:
+        if first_nonfinite(x) is not None:
+            raise DenoiserError(f"the state fed to denoiser {name} {where} already holds NaN/inf "
+                                f"({first_nonfinite(x)[0]} of {x.shape[0]} samples): an earlier {stepper} step "
+                                "or the initial noise produced it")
+        raise DenoiserError(f"denoiser {name} returned NaN/inf {where} for {bad[0]} of "
+                            f"{out.shape[0]} samples (first: sample {bad[1]}), from finite inputs; check the "
+                            "model's weights, dtype (float16 overflow?) and conditioning")
+    return out
 
 
 def as_tensor_output(out: Any) -> torch.Tensor:
@@ -132,24 +160,10 @@ class ReverseProcess:
     def predict(self, x: torch.Tensor, i: int, cond: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoiser output at level i < K and the x0 prediction made from it; records N NFEs."""
         t = self.timesteps[i]
-        inp = self.scheduler.scale_model_input(x, t)
-        with torch.no_grad():
-            out = as_tensor_output(self.denoiser(inp, t) if cond is None else self.denoiser(inp, t, cond))
-        record(nfe=int(x.shape[0]))
-        if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:] or out.shape[1] not in (x.shape[1], 2 * x.shape[1]):
-            raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}; "
-                             f"sample_shape={self.sample_shape} must be the denoiser's input shape "
-                             "(without the batch axis)")
-        bad = _first_bad(out)
-        if bad is not None:
-            where = f"at level {i} of {self.K} (scheduler timestep {int(t)}, reverse step {i} -> {i + 1})"
-            if _first_bad(x) is not None:
-                raise DenoiserError(f"the state fed to denoiser {self.denoiser_name} {where} already holds NaN/inf "
-                                    f"({_first_bad(x)[0]} of {x.shape[0]} samples): an earlier {self.name} step "
-                                    "or the initial noise produced it")
-            raise DenoiserError(f"denoiser {self.denoiser_name} returned NaN/inf {where} for {bad[0]} of "
-                                f"{out.shape[0]} samples (first: sample {bad[1]}), from finite inputs; check the "
-                                "model's weights, dtype (float16 overflow?) and conditioning")
+        where = f"at level {i} of {self.K} (scheduler timestep {int(t)}, reverse step {i} -> {i + 1})"
+        out = evaluate_denoiser(self.denoiser, self.scheduler.scale_model_input(x, t), t, cond,
+                                where=where, name=self.denoiser_name, stepper=self.name,
+                                sample_shape=self.sample_shape, learned_variance=True)
         return out, self.predict_x0(out, i, x)
 
     def predict_x0(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -178,12 +192,12 @@ class ReverseProcess:
     def step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One reverse step from level i to level i + 1, given the denoiser output ``out`` at x."""
         res = self.scheduler.step(out, self.timesteps[i], x, generator=generator, return_dict=True, **self._eta_kw)
-        bad = _first_bad(res.prev_sample)
+        bad = first_nonfinite(res.prev_sample)
         if bad is not None:
+            finite = first_nonfinite(out) is None and first_nonfinite(x) is None
             raise DenoiserError(f"{self.name}.step from level {i} to {i + 1} of {self.K} (scheduler timestep "
                                 f"{int(self.timesteps[i])}) returned NaN/inf for {bad[0]} of {x.shape[0]} samples "
-                                f"(first: sample {bad[1]}); its inputs were "
-                                f"{'finite' if _first_bad(out) is None and _first_bad(x) is None else 'not finite'}")
+                                f"(first: sample {bad[1]}); its inputs were {'finite' if finite else 'not finite'}")
         return res.prev_sample
 
     def run(self, x: torch.Tensor, i_from: int, i_to: int, rng: np.random.Generator,
