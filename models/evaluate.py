@@ -83,7 +83,7 @@ from ppl_scaling.ledger import Ledger
 from . import toy
 from .answers import grade
 from .datasets import Dataset, load_problems
-from .harness import MethodConfig, MethodRun, needs_reward, parse_method, run_method
+from .harness import MethodConfig, MethodRun, method_options, needs_reward, parse_method, run_method
 from .types import Question
 
 logger = logging.getLogger(__name__)
@@ -517,8 +517,8 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
     ``save_completions``: also write every run's candidates to ``completions_path(out)``
     (``completions_row``), so results can be re-graded without the models (``regrade``)."""
     methods = _unique(str(m) for m in methods)
-    for m in methods:
-        parse_method(m)  # unknown names and rules raise here, before any run
+    for m in methods:   # unknown names and rules, options a method does not take: raise here, before any run
+        method_options(parse_method(m)[0], task.config)
     bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
     if not budgets or bad:
         raise ValueError(f"budgets must be positive integers, got {list(budgets)}")

@@ -56,6 +56,7 @@ from ppl_scaling.ledger import Ledger, recording
 from ppl_scaling.potentials import Potential, as_potential
 from ppl_scaling.result import SELECTION_RULES, SMCResult
 from ppl_scaling.samplers import DIFFUSION_METHODS, METHODS
+from ppl_scaling.stopping import AnswerSettled, FinishedCount, TokenBudget, any_of
 
 from .answers import extract_answer, normalize_answer
 from .chat import format_question
@@ -88,7 +89,8 @@ class MethodConfig:
     ``top_p`` / ``top_k`` / ``min_p``: truncation of the proposal (off: 1.0, None, 0.0; see
     ``StepModel`` and ``ppl_scaling.models.lm``). ``chat_template``: how the policy reads a
     ``Question`` (``ppl_scaling.models.chat``: None, the tokenizer's own; a Jinja template;
-    ``"none"``, plain text).
+    ``"none"``, plain text). ``early_stop`` / ``token_budget``: the stop rule of the methods
+    that take one (``stop_rule``; ``ppl_scaling.stopping``).
     """
 
     step_delimiter: str | None = "\n\n"
@@ -109,6 +111,27 @@ class MethodConfig:
     top_k: int | None = None
     min_p: float = 0.0
     chat_template: str | None = None
+    early_stop: str | None = None
+    token_budget: int | None = None
+
+    def stop_rule(self) -> Callable[[Any], bool] | None:
+        """The run's stop rule (``ppl_scaling.stopping``) from ``early_stop`` — ``"settled"``
+        (the exact vote rule), ``"settled:0.95"`` (the Beta rule at that confidence) or
+        ``"finished:k"`` — and ``token_budget`` (generated + reward tokens); None: run to the end."""
+        rules = [] if self.token_budget is None else [TokenBudget(self.token_budget)]
+        if self.early_stop:
+            kind, _, arg = self.early_stop.partition(":")
+            try:
+                if kind == "settled":
+                    rules.append(AnswerSettled(self.extract, key=self.key, confidence=float(arg) if arg else None))
+                elif kind == "finished" and arg:
+                    rules.append(FinishedCount(int(arg)))
+                else:
+                    raise ValueError("unknown rule")
+            except ValueError as e:
+                raise ValueError(f"early_stop {self.early_stop!r}: {e}; use 'settled', 'settled:CONFIDENCE' "
+                                 "(0.5 < confidence < 1) or 'finished:K'") from None
+        return any_of(*rules)
 
     def step_model(self, lm: Any, prompt: str | Question) -> StepModel:
         """The dynamics of a run: stepwise generation from ``lm`` after ``prompt``; a
@@ -202,6 +225,12 @@ def method_options(name: str, config: MethodConfig, *, allow_fallback: bool = Fa
     elif name == "parallel_tempering":
         options.update(lams=tuple(config.pt_lams), sweeps=config.pt_sweeps)
     accepted = inspect.signature(METHODS[name]).parameters
+    stop = config.stop_rule()
+    if stop is not None:
+        if "stop" not in accepted:
+            raise ValueError(f"method {name!r} takes no stop rule (early_stop / token_budget); methods that do: "
+                             f"{sorted(m for m in LLM_METHODS if 'stop' in inspect.signature(METHODS[m]).parameters)}")
+        options["stop"] = stop
     return {k: v for k, v in options.items() if k in accepted}
 
 

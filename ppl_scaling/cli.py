@@ -97,6 +97,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens per step (default: the task's; keep it below the model's context length)")
     p.add_argument("--prm-aggregation", choices=["last", "min", "prod", "model"], default="last",
                    help="how the PRM's step scores make a prefix score (default: last)")
+    p.add_argument("--early-stop", default=None, metavar="RULE",
+                   help="stop generating once the answer is decided: 'settled' (the vote can no longer change), "
+                        "'settled:0.95' (Adaptive-Consistency's Beta rule), 'finished:K' (K samples finished)")
+    p.add_argument("--token-budget", type=_positive_int, default=None,
+                   help="stop each run once it spent this many generated + reward tokens (compute-matched runs)")
     p.add_argument("--system-prompt", default=None,
                    help="--task math: the system prompt the policy is asked with (default: a step-by-step, "
                         "\\boxed{} instruction; '' for none); reward models use their own")
@@ -197,8 +202,13 @@ def _config_changes(args) -> dict:
 
     given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens,
              "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
-             "chat_template": read_chat_template(args.chat_template)}
+             "chat_template": read_chat_template(args.chat_template), "early_stop": args.early_stop,
+             "token_budget": args.token_budget}
     changes = {k: v for k, v in given.items() if v is not None}
+    if args.early_stop is not None:    # refuse a bad rule before any model loads
+        from .models.harness import MethodConfig
+
+        MethodConfig(early_stop=args.early_stop).stop_rule()
     if {"top_p", "top_k", "min_p"} & set(changes):   # refuse bad values before any model loads
         from .models.lm import check_sampling
 

@@ -267,13 +267,26 @@ class SMC:
             pass
         return self.result(state)
 
+    def stopped_early(self, state: SMCState) -> bool:
+        """Whether the ``stop`` rule ended the run before T steps with particles unfinished."""
+        return state.t < self.T and not bool(state.done.all())
+
     def result(self, state: SMCState) -> SMCResult:
-        """The ``SMCResult`` of a state (usually the last)."""
+        """The ``SMCResult`` of a state (usually the last). A run stopped early
+        (``stopped_early``) keeps only its finished particles' weights (the unfinished get
+        log-weight -inf: they are not draws of the target; all of them are kept when none
+        finished), has no log Z estimate (NaN) and says so in ``info["stopped_early"]``."""
         unbiased = self.selection.unbiased
         increments = np.asarray(state.increments) if unbiased else np.full(state.t, np.nan)
+        log_weights, info = state.log_weights, {}
+        if self.stopped_early(state):
+            unbiased = False
+            if state.done.any():
+                log_weights = np.where(state.done, log_weights, -np.inf)
+            info["stopped_early"] = {"step": state.t, "unfinished": int(np.sum(~state.done))}
         return SMCResult(
             particles=state.particles,
-            log_weights=state.log_weights,
+            log_weights=log_weights,
             log_evidence=state.log_evidence if unbiased else float("nan"),
             ess=np.asarray(state.ess_trace),
             resampled=np.asarray(state.resampled, dtype=bool),
@@ -284,7 +297,7 @@ class SMC:
             ancestors=None if state.ancestors is None else list(state.ancestors),
             ledger=state.ledger,
             info={"num_particles": self.N, "selection": self.selection.name, "model": model_name(self.fk),
-                  **self._selection_info()},
+                  **self._selection_info(), **info},
         )
 
     def _selection_info(self) -> dict[str, Any]:

@@ -15,15 +15,19 @@ r(x) = log phi(x); the methods differ in how they pick the answer:
 
     res = best_of_n(model, 16, potential=prm, seed=0)
     res.rewards, res.select(answers)
+
+Each takes ``stop=`` (a rule of ``ppl_scaling.stopping``): generation ends once it holds and
+only the finished samples count (e.g. ``AnswerSettled``: the vote is decided).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ppl_scaling.result import SMCResult
-from ppl_scaling.smc import smc
+from ppl_scaling.smc import SMCState, smc
 from ppl_scaling.tilt import Tilted
 
 __all__ = ["best_of_n", "weighted_best_of_n", "self_consistency", "best_of_majority", "METHODS"]
@@ -31,47 +35,51 @@ __all__ = ["best_of_n", "weighted_best_of_n", "self_consistency", "best_of_major
 
 def _sample(method: str, rule: str, model: Any, num_particles: int, potential: Any, lam: float,
             seed: int | None, rng: np.random.Generator | None, store_history: bool, progress: bool,
-            **info: Any) -> SMCResult:
+            stop: Callable[[SMCState], bool] | None = None, **info: Any) -> SMCResult:
     fk = model if potential is None else Tilted(model, potential, lam=lam, at=())
     res = smc(fk, num_particles, ess_threshold=0.0, seed=seed, rng=rng, store_history=store_history,
-              progress=progress)
+              progress=progress, stop=stop)
     return res.for_method(method, rule, **info)
 
 
 def best_of_n(model: Any, num_particles: int, *, potential: Any, lam: float = 1.0, seed: int | None = None,
               rng: np.random.Generator | None = None, store_history: bool = False,
-              progress: bool = False) -> SMCResult:
+              progress: bool = False, stop: Callable[[SMCState], bool] | None = None) -> SMCResult:
     """``num_particles`` samples; weights exp(lam r(x)); answer of the best one."""
     return _sample("best_of_n", "argmax_weight", model, num_particles, potential, lam, seed, rng,
-                   store_history, progress)
+                   store_history, progress, stop)
 
 
 def weighted_best_of_n(model: Any, num_particles: int, *, potential: Any, lam: float = 1.0,
                        seed: int | None = None, rng: np.random.Generator | None = None,
-                       store_history: bool = False, progress: bool = False) -> SMCResult:
+                       store_history: bool = False, progress: bool = False,
+                       stop: Callable[[SMCState], bool] | None = None) -> SMCResult:
     """``num_particles`` samples; the answer with the largest total weight."""
     return _sample("weighted_best_of_n", "weighted_majority", model, num_particles, potential, lam, seed, rng,
-                   store_history, progress)
+                   store_history, progress, stop)
 
 
 def self_consistency(model: Any, num_particles: int, *, potential: Any = None, seed: int | None = None,
                      rng: np.random.Generator | None = None, store_history: bool = False,
-                     progress: bool = False) -> SMCResult:
-    """``num_particles`` samples and a majority vote; ``potential`` is ignored (no reward model)."""
+                     progress: bool = False, stop: Callable[[SMCState], bool] | None = None) -> SMCResult:
+    """``num_particles`` samples and a majority vote; ``potential`` is ignored (no reward model).
+    With ``stop=AnswerSettled(extract)`` (``ppl_scaling.stopping``) generation stops once the
+    vote is decided: adaptive self-consistency, same answer, fewer tokens."""
     return _sample("self_consistency", "majority_vote", model, num_particles, None, 1.0, seed, rng,
-                   store_history, progress)
+                   store_history, progress, stop)
 
 
 def best_of_majority(model: Any, num_particles: int, *, potential: Any, min_share: float = 0.2, lam: float = 1.0,
                      seed: int | None = None, rng: np.random.Generator | None = None,
-                     store_history: bool = False, progress: bool = False) -> SMCResult:
+                     store_history: bool = False, progress: bool = False,
+                     stop: Callable[[SMCState], bool] | None = None) -> SMCResult:
     """``num_particles`` samples scored by the final reward; Best-of-Majority: the answer with
     the highest reward among those with at least ``min_share`` of the samples (the frequency
     threshold, kept in ``info["min_share"]`` for ``select``)."""
     if not 0.0 <= float(min_share) <= 1.0:
         raise ValueError(f"min_share (the frequency threshold) must be in [0, 1], got {min_share!r}")
     return _sample("best_of_majority", "best_of_majority", model, num_particles, potential, lam, seed, rng,
-                   store_history, progress, min_share=float(min_share))
+                   store_history, progress, stop, min_share=float(min_share))
 
 
 METHODS = {"best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "self_consistency": self_consistency,

@@ -69,11 +69,12 @@ def paper_tilt(model: Any, potential: Any, softmax_temperature: float = 1.0, *,
 def pf_paper(model: Any, num_particles: int, *, potential: Any, softmax_temperature: float = 1.0,
              aggregation: str | None = None, selection_rule: str = "argmax_reward", seed: int | None = None,
              rng: np.random.Generator | None = None, store_history: bool = False,
-             progress: bool = False) -> SMCResult:
-    """The PF paper's particle filter (module docstring)."""
+             progress: bool = False, stop: Callable[[SMCState], bool] | None = None) -> SMCResult:
+    """The PF paper's particle filter (module docstring); ``stop``: a stop rule
+    (``ppl_scaling.stopping``, e.g. a token budget)."""
     fk = paper_tilt(model, potential, softmax_temperature, aggregation=aggregation)
     res = smc(fk, num_particles, ess_threshold=1.0, resampling="multinomial", seed=seed, rng=rng,
-              store_history=store_history, progress=progress)
+              store_history=store_history, progress=progress, stop=stop)
     return res.for_method("particle_filtering", selection_rule, preset="pf_paper",
                           softmax_temperature=softmax_temperature)
 
