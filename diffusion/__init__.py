@@ -12,15 +12,18 @@
 - ``rewards``: classifier, JPEG compressibility, brightness, lazy CLIP / aesthetic loaders.
 - ``gmm``: an analytic Gaussian-mixture diffusion with closed-form tilted targets.
 - ``pipelines`` (import explicitly): steering a diffusers Stable Diffusion pipeline.
-- ``toy`` / ``masked``: the bundled digits DDPM and the masked text diffusion model.
+- ``toy`` / ``masked``: the bundled digits DDPM and the masked text diffusion model;
+  ``masked_lm.HFDenoiser``: Hugging Face masked diffusion LMs (LLaDA, MDLM, BERT-style) as its
+  denoiser (``MaskedDiffusionModel.from_pretrained``).
 """
 from . import rewards
 from .gmm import GaussianMixture, LinearReward, QuadraticReward
 from .masked import MaskedDiffusionModel
+from .masked_lm import HFDenoiser
 from .flow import FlowMatchingModel, FlowProcess
 from .model import DenoisingDynamics, DiffusionModel, DiffusionState, soft_value
 from .process import ReverseProcess
 from .schedules import fk_schedule, potential_steps
 
 __all__ = ["DiffusionModel", "DenoisingDynamics", "FlowMatchingModel", "FlowProcess", "DiffusionState", "ReverseProcess", "fk_schedule", "potential_steps", "soft_value",
-           "MaskedDiffusionModel", "GaussianMixture", "LinearReward", "QuadraticReward", "rewards"]
+           "MaskedDiffusionModel", "HFDenoiser", "GaussianMixture", "LinearReward", "QuadraticReward", "rewards"]

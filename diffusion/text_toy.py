@@ -145,10 +145,16 @@ def sentiment_reward(vocab: Vocabulary) -> Potential:
     return Potential.from_callable(vocab.sentiment, name="sentiment")
 
 
-def review_model(*, num_steps: int = 24, **options: Any) -> tuple[MaskedDiffusionModel, Potential]:
-    """The bundled model as ``MaskedDiffusionModel`` dynamics (``options``: its keyword
-    arguments) and ``sentiment_reward``, the potential that steers toward positive reviews:
+def review_model(*, num_steps: int = 24, prompt: str | None = None,
+                 **options: Any) -> tuple[MaskedDiffusionModel, Potential]:
+    """The bundled model as ``MaskedDiffusionModel`` dynamics, its denoiser wrapped like any
+    Hugging Face masked diffusion LM (``MaskedDiffusionModel.from_pretrained``; ``options``: its
+    keyword arguments, e.g. ``schedule``, ``remasking``), conditioned on the first words
+    ``prompt`` (e.g. "the soup was") when given, and
+    ``sentiment_reward``, the potential that steers toward positive reviews:
     ``Tilted(*review_model(), shape=..., lam=...)`` or ``method(mdm, N, potential=reward)``."""
     model, vocab = load_text_mdm()
-    mdm = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=num_steps, **options)
+    ids = [] if prompt is None else vocab.encode(prompt)[: len(prompt.split())]
+    mdm = MaskedDiffusionModel.from_pretrained(model, mask_token_id=vocab.mask_id, prompt=ids,
+                                               gen_length=vocab.seq_len - len(ids), num_steps=num_steps, **options)
     return mdm, sentiment_reward(vocab)

@@ -1,6 +1,7 @@
 """Masked discrete diffusion dynamics tilted by a potential: exactness on an analytic toy,
-the bundled review model (the terminal tilt for every shape, the ledger, lam = 0 is the base
-sampler, steering raises the positive share), bad input."""
+the bundled review model (through the Hugging Face adapter; the terminal tilt for every shape,
+the ledger, lam = 0 is the base sampler, steering raises the positive share, prompts), bad input.
+Hugging Face models, schedules and the transition density: tests/test_masked_lm.py."""
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 import ppl_scaling as pps
 from ppl_scaling.diffusion.masked import MaskedDiffusionModel
+from ppl_scaling.diffusion.masked_lm import HFDenoiser
 from ppl_scaling.diffusion.text_toy import load_text_mdm, review_model, sentiment_reward
 from ppl_scaling.errors import PotentialError
 from ppl_scaling.samplers.particle_filtering import particle_filtering
@@ -37,15 +39,20 @@ def bundled():
     return load_text_mdm()
 
 
-@pytest.mark.parametrize("intermediate", ("argmax", "sample", "many"))
-def test_exact_tilt_on_independent_tokens(intermediate):
+@pytest.mark.parametrize("intermediate, schedule, block_length", [("argmax", "binomial", None),
+                                                                 ("sample", "binomial", None),
+                                                                 ("many", "binomial", None),
+                                                                 ("argmax", "fixed", 2)])
+def test_exact_tilt_on_independent_tokens(intermediate, schedule, block_length):
     """p(x) = Π_i p(x_i), r = #ones: the tilted target is Π_i p'(x_i), p'(v) ∝ p(v) e^{lam [v=1]},
     so E[#ones] = L p'(1) and Z = (Σ_v p(v) e^{lam [v=1]})^L in closed form, whatever the
-    intermediate rewards."""
+    intermediate rewards, and whatever the number of tokens per step and the blocks (random
+    remasking picks positions independently of the values)."""
     p, L, lam, N, runs = [0.5, 0.2, 0.3], 4, 1.5, 400, 30
     weights = np.array(p) * np.exp(lam * (np.arange(3) == 1))
     exact_mean, exact_logZ = L * weights[1] / weights.sum(), L * math.log(weights.sum())
-    mdm = MaskedDiffusionModel(IndependentTokens(p), L, 3, num_steps=4, intermediate=intermediate)
+    mdm = MaskedDiffusionModel(IndependentTokens(p), L, 3, num_steps=4, intermediate=intermediate,
+                               schedule=schedule, block_length=block_length)
     fk = Tilted(mdm, count_ones, lam=lam)
     rng = np.random.default_rng(0)
     est, ratio = [], []
@@ -109,6 +116,23 @@ def test_lam_zero_is_the_base_sampler(bundled, shape):
     assert torch.equal(res.particles.tokens, base)
     np.testing.assert_array_equal(res.particles.reward, vocab.sentiment(base).numpy())
     assert res.ledger.reward_calls == 32 * (4 * 8 + 1)
+
+
+def test_review_model_runs_through_the_adapter(bundled):
+    """``review_model`` wraps the bundled denoiser in ``HFDenoiser`` (as any Hugging Face model) and
+    samples bit for bit what the bare denoiser does; a prompt's words are kept and the rest is
+    generated (LLaDA-style: fixed counts, low-confidence remasking, blocks)."""
+    model, vocab = bundled
+    mdm, _ = review_model(num_steps=8)
+    assert isinstance(mdm.denoiser, HFDenoiser) and not mdm.denoiser.time_conditioning
+    assert mdm.mask_id == vocab.mask_id and mdm.L == vocab.seq_len
+    bare = MaskedDiffusionModel(model, vocab.seq_len, vocab.mask_id, num_steps=8)
+    assert torch.equal(mdm.sample(16, np.random.default_rng(5)), bare.sample(16, np.random.default_rng(5)))
+    mdm, _ = review_model(num_steps=9, prompt="the waiter was", schedule="fixed", remasking="low_confidence",
+                          block_length=3)
+    x = mdm.sample(32, np.random.default_rng(6))
+    assert all(s.startswith("the waiter was ") for s in vocab.decode(x)) and (x != vocab.mask_id).all()
+    assert vocab.is_grammatical(x).float().mean() > 0.7
 
 
 def test_bundled_model_quality(bundled):
