@@ -114,7 +114,9 @@ class ProcessRewardModel(Potential):
         """A PRM read from a Hugging Face model saved in ``path`` (or a Hub id when online);
         ``scorer_options`` (``kind``, ``device``, ``dtype``, ``separator``, ``good_label``,
         ``candidate_tokens``, ``system_prompt``, ``format``, ``batch_size``,
-        ``trust_remote_code``) as in ``HFStepScorer.from_pretrained``."""
+        ``reuse_cache``, ``max_cache_tokens``, ``trust_remote_code``) as in
+        ``HFStepScorer.from_pretrained`` (separator PRMs reuse each scored prefix's KV cache by
+        default, ``ppl_scaling.models.prm_cache``)."""
         return cls(HFStepScorer.from_pretrained(path, **scorer_options), aggregation=aggregation,
                    transform=transform)
 

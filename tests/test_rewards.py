@@ -246,8 +246,9 @@ def test_separator_prm_scores_new_prefixes_only(tiny):
         assert sum(rows) == 3  # the 2- and 3-step prefixes; 0 steps needs no model
         prm.score(XS)
         assert (sum(rows), len(rows)) == (3, 2)
-    # the tokens the model read, padding excluded (the second forward pads the shorter text)
-    assert ledger.reward_tokens == _num_tokens(scorer.tokenizer, texts)
+    # the tokens the model read, padding excluded (the second forward pads the shorter text); the
+    # 2-step text extends the stored 1-step one, so only its new tokens are fed (KV reuse)
+    assert ledger.reward_tokens == _num_tokens(scorer.tokenizer, texts) - _num_tokens(scorer.tokenizer, texts[:1])
     assert ledger.reward_calls == 3 + 4 + 4
     assert (ledger.tokens, ledger.forward_passes) == (0, 0)  # a reward model's compute is its own
 
