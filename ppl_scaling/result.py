@@ -12,7 +12,10 @@ parallel tempering) put the reference path of every iteration in ``trajectories`
 Answer views: given the answer of each particle (e.g. extracted from its text),
 ``result.select(answers, rule)`` applies a rule of ``ppl_scaling.aggregate``:
 ``argmax_weight``, ``argmax_reward``, ``weighted_majority``, ``majority_vote``,
-``best_of_majority`` (by ``rewards`` when the method has them, else by log-weights);
+``best_of_majority`` (by ``rewards`` when the method has them, else by log-weights), and the
+path rules ``perplexity_consistency`` and ``rpc``, which read the particles' model log-probability
+``log_p`` and tokens ``token_ids`` (LLM states: ``StepState``), and ``group_vote`` (a vote within
+and then across the groups of ``info["groups"]``, e.g. the temperatures of ``multi_temperature``);
 ``result.weighted_answers(answers)`` lists the answer distribution.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from .state import take
 from .weights import ess as _ess
 from .weights import normalise
 
-SELECTION_RULES = frozenset(aggregate.SELECTORS) | {"argmax_reward"}
+SELECTION_RULES = (frozenset(aggregate.SELECTORS) | {"argmax_reward", "group_vote"}
+                   | frozenset(aggregate.PATH_RULES))
 
 
 @dataclass
@@ -118,7 +122,10 @@ class SMCResult:
         ``argmax_reward`` picks the answer of the particle with the highest final reward.
         ``min_share``: Best-of-Majority's frequency threshold (default ``info["min_share"]``,
         else 0.2). With ``k``, the list of up to ``k`` distinct submissions, best first
-        (``aggregate.top_k``: rules ``argmax_reward``, ``majority_vote``, ``best_of_majority``)."""
+        (``aggregate.top_k``: rules ``argmax_reward``, ``majority_vote``, ``best_of_majority``).
+        ``perplexity_consistency`` / ``rpc`` sum the model probability of each answer's distinct
+        paths (``aggregate``), read from the particles' ``log_p`` and ``token_ids``; ``group_vote``
+        votes within and across the groups of ``info["groups"]``."""
         rule = rule or self.info.get("selection_rule", "argmax_weight")
         if len(answers) != self.num_particles:
             raise ValueError(f"got {len(answers)} answers for {self.num_particles} particles")
@@ -139,7 +146,24 @@ class SMCResult:
             return aggregate.majority_vote(answers, **kw)
         if rule == "best_of_majority":
             return aggregate.best_of_majority(answers, self._scores(), min_share, **kw)
+        if rule == "group_vote":
+            if "groups" not in self.info:
+                raise ValueError("rule 'group_vote' needs the group of every particle in info['groups'] "
+                                 "(multi_temperature records the temperatures)")
+            return aggregate.group_vote(answers, list(self.info["groups"]), **kw)
+        if rule in aggregate.PATH_RULES:
+            log_p, paths = self._paths(rule)
+            return aggregate.perplexity_consistency(answers, log_p, paths, prune=rule == "rpc", **kw)
         raise ValueError(f"unknown selection rule {rule!r}; choose from {sorted(SELECTION_RULES)}")
+
+    def _paths(self, rule: str) -> tuple[np.ndarray, list[Any]]:
+        """The particles' model log-probabilities and token paths, for the path rules."""
+        log_p, paths = getattr(self.particles, "log_p", None), getattr(self.particles, "token_ids", None)
+        if log_p is None or paths is None:
+            raise ValueError(f"rule {rule!r} reads each particle's model log-probability (log_p) and tokens "
+                             f"(token_ids), which {type(self.particles).__name__} particles do not have; "
+                             "use it on LLM runs (StepModel states)")
+        return np.asarray(log_p, dtype=np.float64), list(paths)
 
     def _scores(self) -> np.ndarray:
         return self.log_weights if self.rewards is None else self.rewards
