@@ -13,6 +13,7 @@ difficulty of a problem is its number of operations (1-5).
     p = problems[0]; p.prompt, p.answer
     check_steps(p.prompt, ["24+5=29\\n"])     # the exact step checker (a perfect PRM)
     is_correct(completion, p.answer)         # outcome check of the "A:<n>" line
+    predicted_answer(p.prompt, steps)        # the answer a partial solution leads to (running total)
 
 The exact checker judges every line of the steps so far (a final line without
 "\\n" counts as a whole line): line i < #operations must read ``a{op}b=c`` with
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .types import Partial
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_LM_PATH = ASSETS / "toy_lm"
@@ -174,6 +177,39 @@ def is_correct(completion: str, answer: int | str) -> bool:
     """Outcome check: the completion's "A:<n>" line equals ``answer``."""
     got = extract_answer(completion)
     return got is not None and got == int(answer)
+
+
+def exact_step_scores(question: str, steps: Sequence[str]) -> list[bool]:
+    """The exact checker as a PRM's step scores: step j is right iff every line up to it is
+    (``ProcessRewardModel.from_function(exact_step_scores)`` is a perfect PRM)."""
+    return [check_steps(question, steps[:j + 1]) for j in range(len(steps))]
+
+
+_LINE_RE = re.compile(r"^\d+[+-]\d+=(-?\d+)$")
+
+
+def predicted_answer(question: str, steps: Sequence[str] | str) -> int | None:
+    """The final answer a partial solution leads to if the rest is done right: the "A:" line's
+    number once written, else the running total of the last step line plus the operations
+    still to apply; None when the last line is not a step line (or there are no steps)."""
+    lines = split_lines(steps)
+    _, ops = parse_question(question)
+    if not lines or len(lines) > len(ops):
+        return extract_answer("\n".join(lines))
+    m = _LINE_RE.match(lines[-1])
+    if m is None:
+        return None
+    total = int(m.group(1))
+    for op, b in ops[len(lines):]:
+        total = _apply(total, op, b)
+    return total
+
+
+def same_predicted_answer(a: Partial, b: Partial) -> bool:
+    """DeepPrune's same-final-answer judge on two ``Partial`` solutions of one question, exact
+    from the running totals (``predicted_answer``): redundant iff both predict the same answer."""
+    pa = predicted_answer(a.question, a.steps)
+    return pa is not None and pa == predicted_answer(b.question, b.steps)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -18,7 +18,9 @@ records each of its steps; anyone can measure a block of code::
 Counters (``Ledger`` fields): ``tokens`` generated tokens, ``prefill_tokens`` prompt /
 context tokens encoded, ``forward_passes`` batched model calls, ``reward_calls`` values
 scored by potentials (partials, samples), ``reward_tokens`` tokens a reward model
-encoded, ``nfe`` denoiser evaluations (one per sample per call), ``wall_s`` seconds.
+encoded, ``nfe`` denoiser evaluations (one per sample per call), ``escalated_calls`` values a
+verification cascade passed on to its expensive tier (``samplers/verify_cascade.py``; every
+value counts once in ``reward_calls``, the cheap tier), ``wall_s`` seconds.
 Counts are recorded in the thread that called the component: a backend that works in
 worker threads records after gathering their results.
 """
@@ -41,12 +43,11 @@ class Ledger:
     reward_calls: int = 0
     reward_tokens: int = 0
     nfe: int = 0
+    escalated_calls: int = 0
     wall_s: float = 0.0
 
     def __add__(self, other: Ledger) -> Ledger:
-        return Ledger(self.tokens + other.tokens, self.prefill_tokens + other.prefill_tokens,
-                      self.forward_passes + other.forward_passes, self.reward_calls + other.reward_calls,
-                      self.reward_tokens + other.reward_tokens, self.nfe + other.nfe, self.wall_s + other.wall_s)
+        return Ledger(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     def __sub__(self, other: Ledger) -> Ledger:
         return self + Ledger(*(-v for v in astuple(other)))
