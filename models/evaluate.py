@@ -26,10 +26,12 @@ by one: Ctrl-C or a kill loses at most the run in flight.
 
     {"problem_id", "method", "budget", "answer", "gold", "correct",
      "tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
-     "any_correct", "frac_correct", "num_answers", "grading_timeouts",
+     "any_correct", "frac_correct", "num_answers", "agreement", "grading_timeouts",
      "log_evidence", "final_ess", "resamplings", "fallback", "pass_at_k", "difficulty", "subject", "settings_id"}
 
-with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle; ``correct``
+with the run's compute ledger (``ppl_scaling.ledger.Ledger``) in the middle; ``agreement`` is
+the share of candidates giving the most common answer (the difficulty signal of
+``ppl_scaling.allocation``); ``correct``
 is a bool, ``grading_timeouts`` the number of distinct candidate answers whose grading
 timed out (``answers.grade``; they count as incorrect). ``log_evidence`` (log Z; null where the
 method has none: the search methods, whose weights are scores, and the Markov chains), ``final_ess`` and ``resamplings`` (the
@@ -77,6 +79,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ppl_scaling.aggregate import pass_at_k_rules
+from ppl_scaling.allocation import agreement
 from ppl_scaling.jsonl import ResultsFile, clip
 from ppl_scaling.ledger import Ledger
 
@@ -199,8 +202,15 @@ def _check_count(num_problems: int | None) -> None:
 
 # --- tasks ------------------------------------------------------------------------------
 
+def _exact_verifier() -> Any:
+    from .rewards import ProcessRewardModel
+
+    return ProcessRewardModel.from_function(toy.exact_step_scores, name="toy exact checker")
+
+
 ARITHMETIC_CONFIG = MethodConfig(step_delimiter=toy.STEP_DELIMITER, max_steps=8, max_step_tokens=12,
-                                 temperature=1.0, stop=r"A:-?\d+\n", extract=toy.extract_answer, key=int)
+                                 temperature=1.0, stop=r"A:-?\d+\n", extract=toy.extract_answer, key=int,
+                                 judge=toy.same_predicted_answer, expensive_verifier=_exact_verifier())
 
 
 def arithmetic_correct(answer: Any, gold: str) -> bool:
@@ -426,6 +436,9 @@ def _name(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__qualname__, **{f.name: _name(getattr(value, f.name))
                                                      for f in dataclasses.fields(value)}}
+    name = getattr(value, "name", None)   # a potential / reward model: its own name
+    if isinstance(name, str) and " at 0x" not in name:
+        return f"{type(value).__qualname__}({name})"
     return type(value).__qualname__
 
 
@@ -633,6 +646,7 @@ def result_row(task: Task, item: Item, run: MethodRun) -> dict[str, Any]:
         **ledger_columns(run.ledger),
         "any_correct": bool(any(hits)), "frac_correct": float(np.mean(hits)) if hits else 0.0,
         "num_answers": len({str(a) for a in run.answers if a is not None}),
+        "agreement": round(agreement(run.answers, run.key), 6),
         "grading_timeouts": sum(t for _, t in grades.values()),
         **diagnostic_columns(run.result),
         "pass_at_k": pass_at_k_column(run, hits),

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ppl_scaling.allocation import Policy
 from ppl_scaling.ledger import Ledger, recording
 from ppl_scaling.potentials import Potential, as_potential
 from ppl_scaling.result import SELECTION_RULES, SMCResult
@@ -68,7 +69,7 @@ __all__ = ["MethodConfig", "MethodRun", "run_method", "parse_method", "needs_rew
            "REWARD_RULES", "FALLBACK_METHODS"]
 
 LLM_METHODS = frozenset(METHODS) - DIFFUSION_METHODS
-WITHOUT_REWARD = frozenset({"self_consistency"})   # methods that run without a reward model
+WITHOUT_REWARD = frozenset({"self_consistency", "deep_prune", "rpc", "first_finish", "multi_temperature"})   # methods that run without a reward model
 REWARD_RULES = frozenset({"best_of_majority", "argmax_reward"})   # answer rules that read rewards
 FALLBACK_METHODS = frozenset({"particle_gibbs", "parallel_tempering"})   # presets with a minimum budget
 
@@ -90,7 +91,11 @@ class MethodConfig:
     ``StepModel`` and ``ppl_scaling.models.lm``). ``chat_template``: how the policy reads a
     ``Question`` (``ppl_scaling.models.chat``: None, the tokenizer's own; a Jinja template;
     ``"none"``, plain text). ``early_stop`` / ``token_budget``: the stop rule of the methods
-    that take one (``stop_rule``; ``ppl_scaling.stopping``).
+    that take one (``stop_rule``; ``ppl_scaling.stopping``). ``policy``: the compute-optimal
+    policy ``compute_optimal`` follows (``ppl_scaling.allocation``). ``judge``: DeepPrune's
+    same-final-answer judge of two partial solutions (default: the same last step);
+    ``expensive_verifier``: the second tier of ``verify_cascade`` (a potential or PRM, read as
+    log p); ``verifications``: the sampled verdicts per solution of ``verifier_scaling``.
     """
 
     step_delimiter: str | None = "\n\n"
@@ -113,6 +118,10 @@ class MethodConfig:
     chat_template: str | None = None
     early_stop: str | None = None
     token_budget: int | None = None
+    policy: Policy | None = None
+    judge: Callable[[Any, Any], bool] | None = None
+    expensive_verifier: Any = None
+    verifications: int = 3
 
     def stop_rule(self) -> Callable[[Any], bool] | None:
         """The run's stop rule (``ppl_scaling.stopping``) from ``early_stop`` — ``"settled"``
@@ -225,6 +234,21 @@ def method_options(name: str, config: MethodConfig, *, allow_fallback: bool = Fa
     elif name == "parallel_tempering":
         options.update(lams=tuple(config.pt_lams), sweeps=config.pt_sweeps)
     accepted = inspect.signature(METHODS[name]).parameters
+    if "policy" in accepted:
+        if config.policy is None:
+            raise ValueError(f"method {name!r} needs a policy: MethodConfig(policy=Policy.read(path)) "
+                             "(on the command line --policy FILE, written by `ppl-scaling allocate`)")
+        options.update(policy=config.policy, extract=config.extract, key=config.key)
+    if name == "deep_prune" and config.judge is not None:
+        options["judge"] = config.judge
+    elif name == "verifier_scaling":
+        options["verifications"] = config.verifications
+    elif name == "verify_cascade":
+        if config.expensive_verifier is None:
+            raise ValueError("verify_cascade needs an expensive verifier: MethodConfig(expensive_verifier=...) "
+                             "(a potential or PRM; on the command line --expensive-prm PATH; the arithmetic task "
+                             "uses its exact checker)")
+        options["expensive"] = log_potential(config.expensive_verifier)
     stop = config.stop_rule()
     if stop is not None:
         if "stop" not in accepted:

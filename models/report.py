@@ -54,7 +54,8 @@ import numpy as np
 from ppl_scaling.jsonl import clip, is_header
 
 GROUP = "_group"   # not a column of the file: the settings group of a row read by ``read_results``
-NUMBERS = ("tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "wall_s",
+NUMBERS = ("tokens", "prefill_tokens", "forward_passes", "reward_calls", "reward_tokens", "nfe", "escalated_calls",
+           "wall_s",
            "frac_correct", "num_answers", "grading_timeouts", "final_ess", "resamplings")
 LEGACY_SETTINGS = ("task", "seed", "model", "prm")
 SUMMARY = ("task", "dataset", "model", "prm", "seed", "temperature")   # the settings a report's heading names

@@ -1,10 +1,13 @@
-"""Command line: ``ppl-scaling demo | eval | report | regrade | run``.
+"""Command line: ``ppl-scaling demo | eval | report | regrade | allocate | run``.
 
     ppl-scaling eval --task arithmetic --methods particle_filtering,best_of_n,self_consistency \\
         --budgets 1,4,16,64 --problems 200 --seed 0 --out results.jsonl
     ppl-scaling report results.jsonl --plot scaling.png
     ppl-scaling eval ... --save-completions --out results.jsonl   # + results.completions.jsonl
     ppl-scaling regrade results.jsonl --out regraded.jsonl       # no models needed
+    ppl-scaling eval --split validation ... --out val.jsonl        # then a compute-optimal policy:
+    ppl-scaling allocate val.jsonl --token-budget 400 --out policy.json
+    ppl-scaling eval --methods compute_optimal --policy policy.json --budgets 1 --out test.jsonl
     ppl-scaling run --prompt $'Q:24+5-4\\n' --method particle_filtering --budget 16
 
 ``eval`` appends one JSON line per (problem, method, budget) and resumes when rerun
@@ -143,6 +146,23 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also keep every candidate (text, answer, weight, reward) and each run's log Z and ESS "
                          "in OUT's .completions.jsonl, to re-grade (`ppl-scaling regrade`) and inspect offline")
 
+    ev.add_argument("--expensive-prm", help="verify_cascade's expensive verifier: a PRM (local directory or hub id); "
+                    "default for arithmetic: the exact step checker")
+    ev.add_argument("--policy", help="the compute-optimal policy (JSON from `ppl-scaling allocate`) that method "
+                    "compute_optimal follows")
+    ev.add_argument("--split", choices=["test", "validation"], default="test",
+                    help="arithmetic: the held-out split (default: test; allocate policies on validation)")
+
+    al = sub.add_parser("allocate", parents=[debug],
+                        help="a compute-optimal policy (method and budget per difficulty bin) from a validation eval")
+    al.add_argument("results", help="results JSONL of an eval on validation problems, including the pilot's rows")
+    al.add_argument("--token-budget", type=float, required=True,
+                    help="mean tokens (generated + reward) per problem, the pilot's included")
+    al.add_argument("--pilot", default="self_consistency:4", metavar="METHOD:N",
+                    help="the pilot whose answer agreement bins the problems (default: self_consistency:4)")
+    al.add_argument("--bins", type=_positive_int, default=3, help="difficulty bins (default: 3)")
+    al.add_argument("--out", required=True, help="the policy JSON to write")
+
     rg = sub.add_parser("regrade", parents=[debug],
                         help="re-grade an eval's runs from their saved completions, without the models")
     rg.add_argument("results", help="results JSONL of `ppl-scaling eval --save-completions`")
@@ -187,13 +207,21 @@ def _task(args, num_problems=None, dataset=None):
     from .models import evaluate as ev
 
     if args.task == "arithmetic":
-        task = ev.arithmetic_task(num_problems, dataset)
+        task = ev.arithmetic_task(num_problems, dataset, split=getattr(args, "split", "test"))
     else:
         if dataset is None:
             raise ValueError("--task math needs --dataset (a JSONL / JSON file, a saved dataset folder or a hub id)")
         system = ev.MATH_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
         task = ev.math_task(dataset, num_problems, system_prompt=system)
     return ev.with_config(task, **_config_changes(args))
+
+
+def _policy(args):
+    if getattr(args, "policy", None) is None:
+        return None
+    from .allocation import Policy
+
+    return Policy.read(args.policy)
 
 
 def _config_changes(args) -> dict:
@@ -203,7 +231,7 @@ def _config_changes(args) -> dict:
     given = {"temperature": args.temperature, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens,
              "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
              "chat_template": read_chat_template(args.chat_template), "early_stop": args.early_stop,
-             "token_budget": args.token_budget}
+             "token_budget": args.token_budget, "policy": _policy(args)}
     changes = {k: v for k, v in given.items() if v is not None}
     if args.early_stop is not None:    # refuse a bad rule before any model loads
         from .models.harness import MethodConfig
@@ -237,6 +265,10 @@ def _eval(args) -> int:
     ResultsFile.peek(args.out, ev.KEY)  # ... and an --out that is not a results file, or busy: before the models load
     lm, prm, model, prm_path = _models(args)
     task = _task(args, args.problems, args.dataset)
+    if args.expensive_prm:
+        task = ev.with_config(task, expensive_verifier=ev.load_prm(args.expensive_prm, device=args.device,
+                                                                  dtype=args.dtype,
+                                                                  trust_remote_code=args.trust_remote_code))
     try:
         rows = ev.evaluate(task, lm, prm, args.methods, args.budgets, args.out, seed=args.seed,
                            model_name=model, prm_name=prm_path, progress=not args.no_progress,
@@ -252,6 +284,31 @@ def _eval(args) -> int:
         print(f"ppl-scaling: {errors} of {len(rows)} runs in {args.out} failed (error rows: see their 'error' "
               "field); rerun with --retry-errors to retry them", file=sys.stderr)
         return 1
+    return 0
+
+
+def _allocate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .allocation import allocate
+    from .models.report import load_rows
+
+    method, _, n = args.pilot.rpartition(":")
+    if not method or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--pilot {args.pilot!r}: expected METHOD:N, e.g. self_consistency:4")
+    rows = load_rows(args.results)
+    groups = {r.get("settings_id") for r in rows}
+    if len(groups) > 1:
+        raise ValueError(f"{args.results} holds rows of {len(groups)} different settings; allocate from one evaluation")
+    policy = allocate(rows, args.token_budget, pilot=(method, int(n)), num_bins=args.bins)
+    Path(args.out).write_text(json.dumps(policy.to_json(), indent=1) + "\n")
+    print(f"pilot {method} N={n}; agreement bin edges {list(policy.edges)}")
+    for b, (m, size) in enumerate(policy.choices):
+        share = policy.bin_shares[b] if b < len(policy.bin_shares) else float("nan")
+        print(f"  bin {b} ({share:.0%} of problems): {m} N={size}")
+    print(f"expected accuracy {policy.expected_accuracy:.3f} at {policy.expected_tokens:.0f} tokens per problem "
+          f"(budget {args.token_budget:g}); written to {args.out}")
     return 0
 
 
@@ -329,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args.results, args.plot, compare=args.compare, resamples=args.resamples,
                          seed=args.bootstrap_seed))
             return 0
+        if args.command == "allocate":
+            return _allocate(args)
         if args.command == "regrade":
             from .models.evaluate import regrade
             from .models.report import accuracy_table, format_table
