@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_text_diffusion import IndependentTokens, count_ones
+from test_text_diffusion import IndependentTokens, check_tilted_count, count_ones
 
 import ppl_scaling as pps
 from ppl_scaling.diffusion.masked import MaskedDiffusionModel, MaskedState
@@ -180,16 +180,7 @@ def test_transition_density_is_exact(denoiser, schedule, remasking, block_length
     ones = count_ones(states)
     tilted = law * torch.exp(lam * ones)
     exact_mean, exact_logZ = float((tilted * ones).sum() / tilted.sum()), math.log(float(tilted.sum()))
-    fk = Tilted(mdm, count_ones, lam=lam)
-    rng = np.random.default_rng(3)
-    est, ratio = [], []
-    for _ in range(runs):
-        res = pps.smc(fk, N, rng=rng)
-        est.append(float(np.sum(res.weights * count_ones(res.particles.tokens).numpy())))
-        ratio.append(math.exp(res.log_evidence - exact_logZ))
-    for values, exact in ((est, exact_mean), (ratio, 1.0)):
-        se = np.std(values, ddof=1) / math.sqrt(runs)
-        assert abs(np.mean(values) - exact) < 5 * se + 1e-3, (np.mean(values), exact, se)
+    check_tilted_count(Tilted(mdm, count_ones, lam=lam), exact_mean, exact_logZ, N=N, runs=runs, seed=3)
 
 
 def test_logpt_broadcasts_and_rules_out_impossible_moves():
