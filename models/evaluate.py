@@ -520,7 +520,7 @@ def _check_items(task: Task) -> None:
 def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Sequence[int], out: str | Path, *,
              seed: int = 0, model_name: str | Path = "", prm_name: str | Path = "", progress: bool = True,
              retry_errors: bool = False, backend: str | None = None, device: str | None = None,
-             save_completions: bool = False) -> list[dict]:
+             save_completions: bool = False, concurrency: int | None = None) -> list[dict]:
     """Run every (problem, method, budget) not yet in ``out``; returns all rows of ``out``.
 
     ``model_name`` / ``prm_name``: what the models were loaded from (a local folder or a
@@ -528,7 +528,13 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
     raises becomes an error row and the evaluation goes on; ``retry_errors`` reruns the
     runs whose rows are error rows. Duplicate methods and budgets count once.
     ``save_completions``: also write every run's candidates to ``completions_path(out)``
-    (``completions_row``), so results can be re-graded without the models (``regrade``)."""
+    (``completions_row``), so results can be re-graded without the models (``regrade``).
+    ``concurrency``: runs advanced in lockstep, their model calls merged into shared batches
+    (``ppl_scaling.models.lockstep``; the same rows as one at a time, rows written as runs
+    finish); None: ``default_concurrency(lm)``."""
+    concurrency = default_concurrency(lm) if concurrency is None else concurrency
+    if isinstance(concurrency, bool) or not isinstance(concurrency, (int, np.integer)) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     methods = _unique(str(m) for m in methods)
     for m in methods:   # unknown names and rules, options a method does not take: raise here, before any run
         method_options(parse_method(m)[0], task.config)
@@ -572,10 +578,13 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
                                "save_completions); only the runs from now on are saved", out, unsaved)
         from tqdm.auto import tqdm
 
-        for job in tqdm(todo, desc="eval", disable=not progress, unit="run"):
+        def finish(job: dict[str, Any], outcome: MethodRun | BaseException) -> None:
+            """Grade a finished run and write its rows (a failed one: an error row)."""
             item, method, budget = job["_item"], job["method"], job["budget"]
+            run = outcome if isinstance(outcome, MethodRun) else None
             try:
-                run = run_job(task, lm, prm, item, method, budget, settings)
+                if run is None:
+                    raise outcome
                 row = result_row(task, item, run)
             except Exception as e:  # noqa: BLE001 -- one failing run must not stop the others
                 row, run = error_row(item, method, budget, e), None
@@ -585,7 +594,34 @@ def evaluate(task: Task, lm: Any, prm: Any, methods: Sequence[str], budgets: Seq
             if saved is not None and run is not None:   # the completions first: a results row is never
                 _put(saved, completions_row(item, run, row))   # without the completions it was graded from
             _put(results, row)
+            bar.update(1)
+
+        with tqdm(total=len(todo), desc="eval", disable=not progress, unit="run") as bar:
+            if concurrency == 1:
+                for job in todo:
+                    try:
+                        outcome: MethodRun | BaseException = run_job(task, lm, prm, job["_item"], job["method"],
+                                                                     job["budget"], settings)
+                    except Exception as e:  # noqa: BLE001 -- graded (as an error row) by finish
+                        outcome = e
+                    finish(job, outcome)
+            else:
+                from .lockstep import Job, run_many
+
+                specs = [Job(j["method"], j["_item"].prompt, j["budget"],
+                             job_rng(settings["seed"], j["_item"].id, j["method"], j["budget"])) for j in todo]
+                run_many(specs, lm, prm=prm, concurrency=concurrency, config=task.config, return_exceptions=True,
+                         on_done=lambda i, outcome: finish(todo[i], outcome))
         return list(results.rows)
+
+
+def default_concurrency(lm: Any) -> int:
+    """Runs advanced at once by default: 8 on engines (vLLM, servers) and on a GPU, where
+    merged batches cost little more than one run's; 1 for transformers on a CPU (merged HF
+    batches agree with single runs to float rounding only; pass ``concurrency`` to merge)."""
+    if backend_of(lm) in ("vllm", "openai"):
+        return 8
+    return 8 if device_type(getattr(lm, "device", None)) == "cuda" else 1
 
 
 def is_error_row(row: dict[str, Any]) -> bool:

@@ -18,7 +18,9 @@ What happens underneath (``KVContexts``):
   different lengths share one batched forward pass.
 - The prompt is encoded once; ``take`` with a single source row expands it without a copy.
   Resampling (``take(idx)``) index-selects cache rows: nothing is re-encoded from text.
-- One forward pass per token for the rows still generating in this step. A row that has
+- One forward pass per token for the rows still generating in this step
+  (``sample_steps_many``: for the rows of several callers at once, each drawing from its own
+  generator; ``ppl_scaling.models.lm``, merged calls). A row that has
   finished its step is fed a masked padding token while it shares the batch; once at least
   half of the batch has finished, the finished rows are split off, so the remaining rows
   run alone. At the end of the step all rows are re-packed right-aligned (a gather), which
@@ -54,10 +56,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppl_scaling.ledger import record
+from ppl_scaling.ledger import Ledger, record, recording
 
-from .lm import (TRUNCATIONS, Contexts, LanguageModel, StepRecorder, StepSample, check_sampling, fit_context,
-                 is_identity, merge_eos, sample_tokens)
+from .lm import (TRUNCATIONS, Contexts, MergingLanguageModel, RowGenerators, StepRecorder, StepSample,
+                 check_sampling, fit_context, is_identity, measured, merge_eos, sample_tokens)
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -187,7 +189,7 @@ def _cache_tensors(cache: Any) -> KV:
     return tuple((layer.keys, layer.values) for layer in cache.layers)
 
 
-class HFLanguageModel(LanguageModel):
+class HFLanguageModel(MergingLanguageModel):
     """A transformers causal LM and its tokenizer, with a KV-cached batched step sampler.
     ``context_length``: override the model's (module docstring); ``truncate="left"``: drop the
     oldest tokens of a row that does not fit instead of raising ``ContextLengthError``."""
@@ -322,53 +324,90 @@ class HFLanguageModel(LanguageModel):
             self._delimiter_tokens[delimiter] = table
         return self._delimiter_tokens[delimiter]
 
+    def sample_steps_many(self, parts: Sequence[tuple[Contexts, torch.Generator]], *, step_delimiter: str | None,
+                          max_step_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                          top_k: int | None = None, min_p: float = 0.0) -> list[tuple[StepSample, Ledger]]:
+        """One step for the rows of every part in shared forward passes, each part's tokens drawn
+        from its own generator (``RowGenerators``) as ``sample_steps`` on that part alone would
+        draw them; each part's new cache is re-packed to its own width, the layout it would
+        have alone. Ledger per part (stand-alone rule): one forward pass per token position at
+        which one of its rows was still generating, its rows' pending tokens (and any rows it
+        re-encodes to fit) as ``prefill_tokens``, its sampled ``tokens``. Float caveat: a row's
+        logits in a merged batch (other rows, other padding) may differ from its logits alone
+        in the last bits, so ``log_q`` / ``log_p`` agree to rounding and the sampled tokens
+        agree unless a draw falls within rounding of a boundary."""
+        return measured(self._sample_steps_many, parts, step_delimiter, max_step_tokens,
+                        *check_sampling(temperature, top_p, top_k, min_p))[0]
+
     @torch.no_grad()
-    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
-                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
-        """Sample one step for every row (``ppl_scaling.models.lm``: the step, the sampling
-        controls ``temperature``, ``top_p``, ``top_k``, ``min_p`` in vLLM's order, log q / log p)."""
-        temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
-        if not isinstance(contexts, KVContexts):
+    def _sample_steps_many(self, parts: Sequence[tuple[Contexts, torch.Generator]], step_delimiter: str | None,
+                           max_step_tokens: int, temperature: float, top_p: float, top_k: int | None,
+                           min_p: float) -> list[tuple[StepSample, Ledger]]:
+        if not all(isinstance(c, KVContexts) for c, _ in parts):
             raise TypeError("HFLanguageModel.sample_steps needs KVContexts from HFLanguageModel.start(...)")
-        R = len(contexts)
+        n_iter = 1 if step_delimiter is None else max_step_tokens
+        costs = [Ledger() for _ in parts]
+        fitted = []
+        for (c, _), cost in zip(parts, costs):
+            with recording(into=cost):
+                fitted.append(self._fit(c, n_iter) if len(c) else c)
+        sizes = [len(c) for c in fitted]
+        bounds = np.r_[0, np.cumsum(sizes)].tolist()
+        R = bounds[-1]
         rec = StepRecorder(self, R, step_delimiter)
         if R == 0:
-            return rec.result(contexts)
-        n_iter = 1 if step_delimiter is None else max_step_tokens
-        contexts = self._fit(contexts, n_iter)
+            return [(rec.result(c), cost) for c, cost in zip(fitted, costs)]
+        gens = RowGenerators([g for _, g in parts], np.repeat(np.arange(len(parts)), sizes))
+        contexts = KVContexts.concat(fitted)
         may_end = None if step_delimiter is None else self._may_end(step_delimiter)
         cache = _as_cache(contexts.kv)
         mask, pending = contexts.mask, contexts.pending.clone()
         pos = mask.sum(1)
         rows = torch.arange(R, device=self.device)
         live = torch.ones(R, dtype=torch.bool, device=self.device)
-        parts = []  # (rows, kv, mask, pending) of rows split off the batch
+        split = []  # (rows, kv, mask, pending) of rows split off the batch
         for k in range(n_iter):
             mask = torch.cat([mask, live.to(mask.dtype)[:, None]], dim=1)
             inp = torch.where(live, pending, torch.full_like(pending, self.pad_token_id))
             logits = self.model(input_ids=inp[:, None], attention_mask=mask, position_ids=pos[:, None],
                                 use_cache=True, **{self.cache_arg: cache}).logits[:, -1]
-            record(forward_passes=1, prefill_tokens=R if k == 0 else 0)  # k = 0 feeds the pending tokens
             li = live.nonzero().squeeze(1)
-            tok, log_q, log_p = sample_tokens(logits[li], temperature, generator, top_p=top_p, top_k=top_k,
+            sampled = rows[li].cpu().numpy()
+            row_gens = gens.take(sampled)
+            tok, log_q, log_p = sample_tokens(logits[li], temperature, row_gens, top_p=top_p, top_k=top_k,
                                               min_p=min_p)
             pending[li], pos[li] = tok, pos[li] + 1
             check = None if may_end is None else may_end[tok.cpu()].numpy()
-            still = rec.add(rows[li].cpu().numpy(), tok, log_q, log_p, check)
+            still = np.empty(len(sampled), dtype=bool)
+            for g, a, b in row_gens.segments():
+                with recording(into=costs[g]):  # k = 0 feeds the pending tokens
+                    record(forward_passes=1, prefill_tokens=sizes[g] if k == 0 else 0)
+                    still[a:b] = rec.add(sampled[a:b], tok[a:b], log_q[a:b], log_p[a:b],
+                                         None if check is None else check[a:b])
             live[li] = torch.as_tensor(still, device=self.device)
             if not live.any():
                 break
             if k + 1 < n_iter and 2 * int(live.sum()) <= len(live):
                 keep, drop = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
                 kv = _cache_tensors(cache)
-                parts.append((rows[drop], tuple((k_[drop], v_[drop]) for k_, v_ in kv), mask[drop], pending[drop]))
+                split.append((rows[drop], tuple((k_[drop], v_[drop]) for k_, v_ in kv), mask[drop], pending[drop]))
                 cache.batch_select_indices(keep)
                 rows, mask, pending, pos, live = rows[keep], mask[keep], pending[keep], pos[keep], live[keep]
-        parts.append((rows, _cache_tensors(cache), mask, pending))
-        kv, mask, pending = _merge(parts)
+        split.append((rows, _cache_tensors(cache), mask, pending))
+        kv, mask, pending = _merge(split)
         ids = [old + tuple(new) for old, new in zip(contexts.ids, rec.ids)]
-        return rec.result(KVContexts(ids, kv, mask, pending))
+        step = rec.result(KVContexts(ids, kv, mask, pending))
+        if len(parts) == 1:
+            return [(step, costs[0])]
+        out = []
+        for c, cost, a, b in zip(fitted, costs, bounds, bounds[1:]):
+            if a == b:
+                out.append((StepRecorder(self, 0, step_delimiter).result(c), cost))
+                continue
+            m = mask[a:b]
+            own_kv, own_mask = _pack(tuple((k_[a:b], v_[a:b]) for k_, v_ in kv), m, int(m.sum(1).max()))
+            out.append((step.rows(a, b, KVContexts(ids[a:b], own_kv, own_mask, pending[a:b])), cost))
+        return out
 
 
 def _merge(parts: list[tuple[torch.Tensor, KV, torch.Tensor, torch.Tensor]]) -> tuple[KV, torch.Tensor, torch.Tensor]:

@@ -66,17 +66,30 @@ where it happens, in the calling thread:
 - ``forward_passes``: batched model calls. The generic sampler records one per
   ``next_token_logprobs`` call (unless the model records its own) together with the
   context tokens it re-reads as ``prefill_tokens``; the backends document theirs.
+
+**Merged calls.** ``lm.sample_steps_many(parts, ...)`` samples one step for the rows of
+several independent callers in one backend call (``ppl_scaling.models.lockstep`` drives
+it): ``parts`` are ``(contexts, generator)`` pairs and each part's rows draw from its own
+generator exactly as ``sample_steps(contexts, generator=generator)`` alone would (per-row
+group generators, ``RowGenerators``; engines draw each part's per-request seeds from its
+generator). It records nothing itself: it returns, per part, the ``StepSample`` and the
+``Ledger`` of what that part would have recorded alone (its sampled tokens, its rows'
+prefill, the forward passes its own rows needed: the *stand-alone* rule, so a run's ledger
+does not depend on what it was batched with; the shared passes are fewer). ``sample_steps``
+is the one-part case. The base class runs the parts one after another.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from ppl_scaling.ledger import record, recording
+from ppl_scaling.ledger import Ledger, record, recording
 
+T = TypeVar("T")
 SEED_HIGH = 2**31 - 1  # per-request seeds, valid for vLLM and OpenAI-compatible servers
 TRUNCATIONS = (None, "left")
 
@@ -163,6 +176,55 @@ def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     return torch.randint(0, SEED_HIGH, (n,), generator=generator).tolist() if n else []
 
 
+def measured(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, Ledger]:
+    """``fn(*args, **kwargs)`` run in a fresh context, so what it records reaches no ledger of
+    the caller's; returns its result and a ``Ledger`` of what it recorded."""
+    def body() -> tuple[T, Ledger]:
+        with recording() as spent:
+            out = fn(*args, **kwargs)
+        return out, spent
+
+    return contextvars.Context().run(body)
+
+
+def record_ledger(ledger: Ledger) -> None:
+    """``record`` the counters of ``ledger`` (its ``wall_s`` aside) in the calling context."""
+    record(**{k: v for k, v in ledger.as_dict().items() if k != "wall_s" and v})
+
+
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` split into integers in proportion to ``weights`` (largest remainders; the
+    parts add up to ``total``; equal to ``weights`` when they add up to ``total``)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        return [0] * len(w)
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(-(exact - out), kind="stable")[:total - int(out.sum())]] += 1
+    return out.tolist()
+
+
+class RowGenerators:
+    """Generators for groups of consecutive rows of a merged batch: the rows with ``group[r] == g``
+    draw from ``generators[g]``, exactly as a call on those rows alone with that generator
+    would (same draws, same order). ``group`` is non-decreasing."""
+
+    def __init__(self, generators: Sequence[torch.Generator], group: np.ndarray) -> None:
+        self.generators, self.group = list(generators), np.asarray(group, dtype=np.int64)
+
+    def take(self, rows: np.ndarray) -> "RowGenerators":
+        """The generators of the rows ``rows`` (increasing), as a batch of their own."""
+        return RowGenerators(self.generators, self.group[rows])
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(g, start, stop)`` for each group present, in row order."""
+        if self.group.size == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(self.group)) + 1
+        starts, stops = np.r_[0, cuts], np.r_[cuts, self.group.size]
+        return [(int(self.group[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+
 @dataclass
 class StepSample:
     """One sampled step for each row of ``contexts`` (see the module docstring)."""
@@ -179,6 +241,11 @@ class StepSample:
     def empty(cls, contexts: Contexts) -> "StepSample":
         """The step of zero rows (every particle has finished)."""
         return cls(contexts, [], [], np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
+
+    def rows(self, start: int, stop: int, contexts: Contexts) -> "StepSample":
+        """Rows ``start .. stop - 1`` of this step, with ``contexts`` their extended rows."""
+        return StepSample(contexts, self.token_ids[start:stop], self.texts[start:stop], self.eos[start:stop],
+                          self.delimited[start:stop], self.log_q[start:stop], self.log_p[start:stop])
 
 
 def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
@@ -238,14 +305,20 @@ def process_logprobs(logprobs: torch.Tensor, temperature: float = 1.0, top_p: fl
     return torch.log_softmax(z, dim=-1), log_p
 
 
-def sample_tokens(logprobs: torch.Tensor, temperature: float, generator: torch.Generator, *,
+def sample_tokens(logprobs: torch.Tensor, temperature: float, generator: torch.Generator | RowGenerators, *,
                   top_p: float = 1.0, top_k: int | None = None,
                   min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row of ``logprobs`` (B, V) (log-probabilities or logits) from the
     proposal q of ``process_logprobs`` (by default q_τ ∝ softmax(logprobs / τ)); returns
-    tokens, log q(token), log p(token)."""
+    tokens, log q(token), log p(token). With ``RowGenerators`` each group of rows is drawn
+    by its own generator, as a call on that group alone would draw it."""
     log_q, log_p = process_logprobs(logprobs.float(), temperature, top_p, top_k, min_p)
-    tok = torch.multinomial(log_q.exp(), 1, generator=generator)
+    q = log_q.exp()
+    if isinstance(generator, RowGenerators):
+        tok = torch.cat([torch.multinomial(q[a:b], 1, generator=generator.generators[g])
+                         for g, a, b in generator.segments()]) if len(q) else q.new_zeros((0, 1), dtype=torch.long)
+    else:
+        tok = torch.multinomial(q, 1, generator=generator)
     return tok.squeeze(1), log_q.gather(1, tok).squeeze(1), log_p.gather(1, tok).squeeze(1)
 
 
@@ -337,6 +410,33 @@ class LanguageModel:
             live = [r for r, k in zip(live, keep) if k]
         return rec.result(contexts.extend(rec.ids))
 
+    def sample_steps_many(self, parts: Sequence[tuple[Contexts, torch.Generator]], *, step_delimiter: str | None,
+                          max_step_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                          top_k: int | None = None, min_p: float = 0.0) -> list[tuple[StepSample, Ledger]]:
+        """One step for the rows of every part ``(contexts, generator)``, each part drawing from
+        its own generator; returns per part the step and what it would have cost alone (module
+        docstring: merged calls). Records nothing. Here: the parts one after another through
+        ``sample_steps``; backends that batch override it."""
+        controls = dict(top_p=top_p, top_k=top_k, min_p=min_p) if truncates(top_p, top_k, min_p) else {}
+        return [measured(self.sample_steps, c, step_delimiter=step_delimiter, max_step_tokens=max_step_tokens,
+                         temperature=temperature, generator=g, **controls) for c, g in parts]
+
+
+class MergingLanguageModel(LanguageModel):
+    """A backend whose own call is ``sample_steps_many`` (many parts in shared passes or one
+    engine request): ``sample_steps`` is its one-part case, recorded in the ledger."""
+
+    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
+                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
+                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
+        """Sample one step for every row (module docstring: the step, the sampling controls
+        ``temperature``, ``top_p``, ``top_k``, ``min_p`` in vLLM's order, log q / log p)."""
+        (step, spent), = self.sample_steps_many([(contexts, generator)], step_delimiter=step_delimiter,
+                                                max_step_tokens=max_step_tokens, temperature=temperature,
+                                                top_p=top_p, top_k=top_k, min_p=min_p)
+        record_ledger(spent)
+        return step
+
 
 @dataclass
 class StepReply:
@@ -348,7 +448,7 @@ class StepReply:
     delimited: bool                # the step ended with the delimiter
 
 
-class EngineLanguageModel(LanguageModel):
+class EngineLanguageModel(MergingLanguageModel):
     """Base of backends whose engine samples a whole step per request (vLLM in-process,
     OpenAI-compatible servers). One ``sample_steps`` sends one request per row, with a
     per-row seed from the generator, the step delimiter as stop string and the step
@@ -389,31 +489,50 @@ class EngineLanguageModel(LanguageModel):
         """``decode`` of each row (a backend may batch or parallelise it)."""
         return [self.decode(r) for r in rows]
 
-    def sample_steps(self, contexts: Contexts, *, step_delimiter: str | None, max_step_tokens: int,
-                     temperature: float = 1.0, generator: torch.Generator, top_p: float = 1.0,
-                     top_k: int | None = None, min_p: float = 0.0) -> StepSample:
+    def sample_steps_many(self, parts: Sequence[tuple[Contexts, torch.Generator]], *, step_delimiter: str | None,
+                          max_step_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                          top_k: int | None = None, min_p: float = 0.0) -> list[tuple[StepSample, Ledger]]:
+        """All parts' rows in one ``request_steps`` call (and one scoring call for log p), each
+        part's seeds drawn from its own generator. Ledger per part: its tokens, its contexts as
+        ``prefill_tokens`` and its longest step as ``forward_passes``; the scoring call's
+        ``prefill_tokens`` apportioned by the parts' row lengths (exact unless rows were
+        truncated) and one forward pass each."""
         temperature, top_p, top_k, min_p = check_sampling(temperature, top_p, top_k, min_p)
-        R = len(contexts)
-        if R == 0:
-            return StepSample.empty(contexts)
+        sizes = [len(c) for c, _ in parts]
+        seeds = [s for (c, g) in parts for s in draw_seeds(g, len(c))]
+        bounds = np.r_[0, np.cumsum(sizes)].tolist()
+        merged = Contexts([r for c, _ in parts for r in c.ids])
+        if not merged.ids:
+            return [(StepSample.empty(c), Ledger()) for c, _ in parts]
         controls = dict(top_p=top_p, top_k=top_k, min_p=min_p) if truncates(top_p, top_k, min_p) else {}
-        replies = self.request_steps(contexts.ids, stop=step_delimiter,
-                                     max_tokens=1 if step_delimiter is None else int(max_step_tokens),
-                                     temperature=float(temperature), seeds=draw_seeds(generator, R), **controls)
+        replies, _ = measured(self.request_steps, merged.ids, stop=step_delimiter,
+                              max_tokens=1 if step_delimiter is None else int(max_step_tokens),
+                              temperature=float(temperature), seeds=seeds, **controls)
         token_ids = [r.token_ids for r in replies]
-        record(tokens=sum(len(t) for t in token_ids), prefill_tokens=sum(len(c) for c in contexts.ids),
-               forward_passes=max(len(t) for t in token_ids))
+        scoring = Ledger()
         if self.logprobs:
             token_lps = [np.asarray(r.logprobs, dtype=np.float64) for r in replies]
             log_q = np.array([lp.sum() for lp in token_lps])
-            log_p = self._model_log_p(contexts, token_ids, token_lps, log_q, temperature,
+            log_p, scoring = measured(self._model_log_p, merged, token_ids, token_lps, log_q, temperature,
                                       truncated=bool(controls))
         else:
-            log_q, log_p = np.full(R, np.nan), np.full(R, np.nan)
+            log_q, log_p = np.full(len(replies), np.nan), np.full(len(replies), np.nan)
         eos_ids = self.eos_token_ids
         texts = self.decode_rows([[t for t in ids if t not in eos_ids] for ids in token_ids])
-        return StepSample(contexts.extend(token_ids), token_ids, texts, np.array([r.eos for r in replies], bool),
+        step = StepSample(merged.extend(token_ids), token_ids, texts, np.array([r.eos for r in replies], bool),
                           np.array([r.delimited for r in replies], bool), log_q, log_p)
+        scored = apportion(scoring.prefill_tokens, [sum(len(r) + len(t) for r, t in zip(c.ids, token_ids[a:b]))
+                                                    for (c, _), a, b in zip(parts, bounds, bounds[1:])])
+        out = []
+        for (c, _), a, b, prefill in zip(parts, bounds, bounds[1:], scored):
+            if a == b:
+                out.append((StepSample.empty(c), Ledger()))
+                continue
+            own = token_ids[a:b]
+            spent = Ledger(tokens=sum(len(t) for t in own), prefill_tokens=sum(len(r) for r in c.ids) + prefill,
+                           forward_passes=max(len(t) for t in own) + min(scoring.forward_passes, 1))
+            out.append((step.rows(a, b, c.extend(own)), spent))
+        return out
 
     def _model_log_p(self, contexts: Contexts, token_ids: list[list[int]], token_lps: list[np.ndarray],
                      log_q: np.ndarray, temperature: float, truncated: bool = False) -> np.ndarray:

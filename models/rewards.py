@@ -134,7 +134,11 @@ class ProcessRewardModel(Potential):
                                   transform=transform or self.transform, _cache=self._cache)
 
     def clear_cache(self) -> None:
+        """Forget every score, and the scorer's stored prefixes if it keeps any (a run that
+        starts afresh spends what it would spend alone)."""
         self._cache.clear()
+        if hasattr(self.scorer, "clear_cache"):
+            self.scorer.clear_cache()
 
     def step_scores(self, xs: Any) -> list[np.ndarray]:
         """Probabilities of the scored steps of each Partial: all K steps, or for

@@ -47,6 +47,8 @@ excluded) in the compute ledger (``ppl_scaling.ledger``).
 """
 from __future__ import annotations
 
+import copy
+
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,6 +116,18 @@ class HFStepScorer:
                          if reuse_cache and mode == "separator" and full_attention(model) else None)
         # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated there)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def clear_cache(self) -> None:
+        """Forget every stored KV (a new run starts from nothing: its reward tokens are its own)."""
+        if self.kv_store is not None:
+            self.kv_store = PrefixKVStore(max_tokens=self.kv_store.max_tokens)
+
+    def fresh(self) -> HFStepScorer:
+        """This scorer (the same model and tokenizer) with a KV store of its own: one per
+        concurrent run, so that runs never read or evict each other's prefixes."""
+        other = copy.copy(self)
+        other.clear_cache()
+        return other
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, kind: Literal["auto", "separator", "classifier"] = "auto",

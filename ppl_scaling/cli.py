@@ -146,6 +146,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also keep every candidate (text, answer, weight, reward) and each run's log Z and ESS "
                          "in OUT's .completions.jsonl, to re-grade (`ppl-scaling regrade`) and inspect offline")
 
+    ev.add_argument("--concurrency", type=_positive_int, default=None,
+                    help="runs advanced in lockstep with their model calls merged into shared batches (same rows "
+                         "as one at a time; default: 8 on vLLM, servers and GPUs, 1 for transformers on a CPU)")
     ev.add_argument("--expensive-prm", help="verify_cascade's expensive verifier: a PRM (local directory or hub id); "
                     "default for arithmetic: the exact step checker")
     ev.add_argument("--policy", help="the compute-optimal policy (JSON from `ppl-scaling allocate`) that method "
@@ -273,7 +276,7 @@ def _eval(args) -> int:
         rows = ev.evaluate(task, lm, prm, args.methods, args.budgets, args.out, seed=args.seed,
                            model_name=model, prm_name=prm_path, progress=not args.no_progress,
                            retry_errors=args.retry_errors, backend=args.backend, device=args.device,
-                           save_completions=args.save_completions)
+                           save_completions=args.save_completions, concurrency=args.concurrency)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
               file=sys.stderr)
