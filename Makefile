@@ -67,7 +67,7 @@ bench-smc: $(STAMP) benchmarks/.venv-particles
 bench-diffusion: $(STAMP)
 	$(PY) benchmarks/diffusion_overhead.py
 
-# Regenerate the generated tutorials (02-05) and store every tutorial executed, with its outputs.
+# Regenerate the generated tutorials (02-06) and store every tutorial executed, with its outputs.
 tutorials: $(STAMP)
 	$(PY) scripts/make_llm_tutorials.py
 	$(PY) scripts/make_diffusion_tutorials.py

@@ -238,7 +238,8 @@ def method_options(name: str, config: MethodConfig, *, allow_fallback: bool = Fa
         if config.policy is None:
             raise ValueError(f"method {name!r} needs a policy: MethodConfig(policy=Policy.read(path)) "
                              "(on the command line --policy FILE, written by `ppl-scaling allocate`)")
-        options.update(policy=config.policy, extract=config.extract, key=config.key)
+        options.update(policy=config.policy, extract=config.extract, key=config.key,
+                       options_for=lambda method: method_options(method, config, allow_fallback=allow_fallback))
     if name == "deep_prune" and config.judge is not None:
         options["judge"] = config.judge
     elif name == "verifier_scaling":

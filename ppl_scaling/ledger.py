@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 __all__ = ["Ledger", "record", "recording"]
 
@@ -47,10 +47,10 @@ class Ledger:
     wall_s: float = 0.0
 
     def __add__(self, other: Ledger) -> Ledger:
-        return Ledger(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return Ledger(*(getattr(self, f) + getattr(other, f) for f in _FIELDS))
 
     def __sub__(self, other: Ledger) -> Ledger:
-        return self + Ledger(*(-v for v in astuple(other)))
+        return Ledger(*(getattr(self, f) - getattr(other, f) for f in _FIELDS))
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -60,7 +60,8 @@ class Ledger:
             setattr(self, name, getattr(self, name) + value)
 
 
-COUNTERS = frozenset(f.name for f in fields(Ledger)) - {"wall_s"}
+_FIELDS = tuple(f.name for f in fields(Ledger))   # in order (a plain tuple: astuple deep-copies)
+COUNTERS = frozenset(_FIELDS) - {"wall_s"}
 _active: ContextVar[tuple[Ledger, ...]] = ContextVar("ppl_scaling_ledgers", default=())
 
 

@@ -30,19 +30,24 @@ __all__ = ["compute_optimal", "METHODS"]
 
 def compute_optimal(model: Any, budget: int, *, potential: Any = None, policy: Policy | str | Path,
                     extract: Callable[[str], Any], key: Callable[[Any], Hashable] | None = None,
-                    seed: int | None = None, rng: np.random.Generator | None = None,
-                    store_history: bool = False) -> SMCResult:
-    """Run the pilot, then the policy's (method, N) for its agreement bin (module docstring)."""
+                    options_for: Callable[[str], dict[str, Any]] | None = None,
+                    seed: int | None = None, rng: np.random.Generator | None = None) -> SMCResult:
+    """Run the pilot, then the policy's (method, N) for its agreement bin (module docstring).
+    ``options_for(method)``: the options each method runs with (the evaluation harness passes
+    the task's: its judge, verifiers, beam width, ...); default: none."""
     from . import METHODS   # the registry holds this method too: imported when called
 
     policy = policy if isinstance(policy, Policy) else Policy.read(policy)
     rng = as_generator(seed, rng)
-    name, n = policy.pilot
-    pilot = METHODS[name](model, n, potential=potential, rng=rng, store_history=store_history)
+
+    def run(method: str, n: int) -> SMCResult:
+        options = {} if options_for is None else options_for(method)
+        return METHODS[method](model, n, potential=potential, rng=rng, **options)
+
+    pilot = run(*policy.pilot)
     signal = agreement([extract(c) for c in pilot.particles.completions()], key)
     method, size = policy.choice(signal)
-    chosen = pilot if (method, size) == tuple(policy.pilot) else METHODS[method](
-        model, size, potential=potential, rng=rng, store_history=store_history)
+    chosen = pilot if (method, size) == tuple(policy.pilot) else run(method, size)
     info = {"agreement": signal, "bin": bin_of(signal, policy.edges), "method": method, "budget": size,
             "pilot": list(policy.pilot)}
     return chosen.for_method("compute_optimal", chosen.info.get("selection_rule", "argmax_weight"),

@@ -1,4 +1,5 @@
-"""Write tutorials/02_custom_potentials.ipynb and tutorials/03_llm_particle_filtering.ipynb (no outputs).
+"""Write tutorials/02_custom_potentials.ipynb, tutorials/03_llm_particle_filtering.ipynb and
+tutorials/06_new_methods.ipynb (no outputs).
 
     python scripts/make_llm_tutorials.py
 """
@@ -383,5 +384,269 @@ ppl-scaling eval --task math --dataset math500.jsonl --model Qwen/Qwen2.5-Math-1
 """),
 ]
 
-for name, cells in (("02_custom_potentials.ipynb", T02), ("03_llm_particle_filtering.ipynb", T03)):
+
+T06 = [
+("md", r"""
+# 06 · New selection rules and search methods on the toy task
+
+Tutorial 03 compared the particle filter with best-of-N and self-consistency. This one walks through the
+newer methods of `ppl_scaling.samplers` on the same bundled toy arithmetic task (a tiny Llama that answers
+line by line, a learned and imperfect PRM): answer rules that read the model's own probabilities, early
+stopping, rejection sampling with an imperfect verifier, a verification cascade, trace pruning, A* search,
+and compute-optimal allocation. Every method runs through `run_method` with the task's `ARITHMETIC_CONFIG`
+on the same 20 held-out problems at N = 8, and problem i always gets the generator `default_rng([0, i])`,
+so the comparisons are paired. Twenty problems show how the methods work, not which one is better (a
+difference needs about ±0.2 to stand out here): `benchmarks/RESULTS.md` has the measured comparisons.
+"""),
+("code", r"""
+import dataclasses
+import numpy as np
+import torch
+import matplotlib.pyplot as plt
+
+from ppl_scaling.allocation import Policy
+from ppl_scaling.metrics import rejection_sampling_accuracy
+from ppl_scaling.models import toy
+from ppl_scaling.models.evaluate import ARITHMETIC_CONFIG, load_lm, load_prm
+from ppl_scaling.models.harness import log_potential, run_method
+torch.set_num_threads(1)
+
+lm, prm = load_lm(toy.TOY_LM_PATH, device="cpu"), load_prm(toy.TOY_PRM_PATH, device="cpu")
+problems = toy.load_split("test")[:20]
+N, SEED = 8, 0
+
+def run_all(method, budget=N, config=ARITHMETIC_CONFIG):
+    # every problem; problem i always gets the generator default_rng([SEED, i])
+    return [run_method(method, lm, p.prompt, prm=prm, budget=budget, rng=np.random.default_rng([SEED, i]),
+                       config=config) for i, p in enumerate(problems)]
+
+def accuracy(runs, rule=None):
+    return float(np.mean([run.select(rule) == p.answer for run, p in zip(runs, problems)]))
+
+def cost(runs):
+    # mean generated + reward tokens per problem: the compute the methods are compared at
+    return float(np.mean([run.ledger.tokens + run.ledger.reward_tokens for run in runs]))
+
+summary = {}   # method -> (accuracy, tokens per problem), plotted at the end
+"""),
+("md", r"""
+## 1. Answer rules on the same candidates: majority vote, perplexity consistency, RPC
+
+Self-consistency draws N samples and answers by **majority vote**, $\arg\max_a \#\{i : a_i = a\}$.
+**Perplexity consistency** scores an answer by the model's own probability of its *distinct* sampled paths,
+$\sum_{\text{distinct } x \to a} p(x)$, which estimates the answer's probability $p(a)$ with an error that
+vanishes exponentially in N (a vote's like 1/N); **RPC** first drops the low-probability paths (a two-component
+Weibull mixture on the path probabilities). All three are rules of the same `SMCResult`: `run.select(rule)`
+re-picks without generating anything (the `rpc` method is self-consistency answered by the `rpc` rule).
+"""),
+("code", r"""
+sc = run_all("self_consistency")
+rules = ["majority_vote", "perplexity_consistency", "rpc"]
+for rule in rules:
+    changed = sum(a.select(rule) != a.select("majority_vote") for a in sc)
+    print(f"{rule:>22}: accuracy {accuracy(sc, rule):.2f}   answers unlike the vote's: {changed:2d}")
+summary["self_consistency"] = (accuracy(sc), cost(sc))
+summary["rpc"] = (accuracy(sc, "rpc"), cost(sc))
+"""),
+("md", r"""
+## 2. Stopping early: settled votes and first-finish
+
+A stop rule (`ppl_scaling.stopping`) is checked after every step and ends the run; unfinished samples spend
+nothing more. `MethodConfig(early_stop="settled")` is the exact vote rule: with $v_1 \ge v_2$ the votes of
+the two leading answers among the finished samples and $u$ samples unfinished, the vote is decided once
+$v_1 - v_2 > u$, so the answer is the full run's, for fewer tokens (`"settled:0.95"` is Adaptive-Consistency's
+Beta rule instead). **First-finish** stops at the first sample that finishes and submits it.
+"""),
+("code", r"""
+settled = run_all("self_consistency", config=dataclasses.replace(ARITHMETIC_CONFIG, early_stop="settled"))
+ff = run_all("first_finish")
+same = sum(a.answer == b.answer for a, b in zip(settled, sc))
+print(f"settled vote: the full vote's answer on {same} of {len(problems)} problems, "
+      f"{1 - cost(settled) / cost(sc):.0%} fewer tokens")
+for name, runs in [("self_consistency", sc), ("self_consistency, settled", settled), ("first_finish", ff)]:
+    print(f"{name:>26}: accuracy {accuracy(runs):.2f}, tokens per problem {cost(runs):6.1f}")
+summary["self_consistency, settled"] = (accuracy(settled), cost(settled))
+summary["first_finish"] = (accuracy(ff), cost(ff))
+"""),
+("md", r"""
+Nothing is saved here, and that is the toy task, not the rules: every solution of a problem has the same
+number of lines, so the 8 parallel samples finish in the same step and there is no tail to cut (first-finish
+gets no shorter trace either). The rules pay off when samples finish at different times: long, varied
+reasoning traces, or samples drawn one at a time as in Adaptive-Consistency. Replaying the 8 answers above
+one at a time shows what the vote rules would save then:
+"""),
+("code", r"""
+from collections import Counter
+from ppl_scaling.stopping import beta_lead_probability
+
+def samples_needed(answers, confidence=None):
+    # answers drawn one at a time: how many until the vote is settled (exact rule, or the Beta rule)
+    for j in range(1, len(answers) + 1):
+        (_, v1), (_, v2) = (Counter(a for a in answers[:j] if a is not None).most_common(2) + [(None, 0)] * 2)[:2]
+        if v1 and (v1 - v2 > len(answers) - j if confidence is None else beta_lead_probability(v1, v2) >= confidence):
+            return j
+    return len(answers)
+
+for confidence in (None, 0.9):
+    used = [samples_needed(run.answers, confidence) for run in sc]
+    votes = [Counter(a for a in run.answers[:j] if a is not None).most_common(1) for run, j in zip(sc, used)]
+    acc = np.mean([bool(v) and v[0][0] == p.answer for v, p in zip(votes, problems)])
+    name = "exact rule" if confidence is None else f"Beta rule {confidence}"
+    print(f"{name:>14}: {np.mean(used):.1f} of {N} samples on average, accuracy {acc:.2f} "
+          f"(full vote {accuracy(sc):.2f})")
+"""),
+("md", r"""
+## 3. Rejection sampling with an imperfect verifier
+
+`rejection_sampling` draws attempts one at a time until the verifier accepts one (the PRM's
+$\phi(x) > 1/2$), at most k. With success probability $p$ and the verifier's TPR / FPR, $a = p\,\mathrm{TPR}$,
+$b = (1-p)\,\mathrm{FPR}$, $r = 1 - a - b$, the accuracy is
+$a \sum_{i<k} r^i + r^{k-1} p (1 - \mathrm{TPR}) \to a / (a + b)$ as $k \to \infty$
+(`ppl_scaling.metrics.rejection_sampling_accuracy`, Stroebl et al.'s "fLaws"): below 1 whenever the verifier
+has false positives, however many attempts are made. We measure $p$, TPR and FPR per problem on the 8
+self-consistency samples above (the PRM scores each), predict the accuracy for every k and run the method.
+"""),
+("code", r"""
+log_phi = log_potential(prm)
+p, tpr, fpr = [], [], []
+for run, prob in zip(sc, problems):
+    partials = run.result.particles.partials()
+    accepted = log_phi.score(partials, np.ones(len(partials), dtype=bool)) > np.log(0.5)
+    right = np.array([a == prob.answer for a in run.answers])
+    p.append(right.mean())
+    tpr.append(accepted[right].mean() if right.any() else 0.0)        # undefined rates multiply p = 0
+    fpr.append(accepted[~right].mean() if (~right).any() else 0.0)    # or 1 - p = 0
+ks = np.arange(1, 17)
+predicted = [rejection_sampling_accuracy(p, tpr, fpr, int(k)).mean() for k in ks]
+measured = {k: run_all("rejection_sampling", budget=k) for k in (1, 8)}
+summary["rejection_sampling k=8"] = (accuracy(measured[8]), cost(measured[8]))
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(ks, predicted, label="closed form (p, TPR, FPR measured per problem)")
+acc = np.array([accuracy(runs) for runs in measured.values()])
+ax.errorbar(list(measured), acc, yerr=np.sqrt(acc * (1 - acc) / len(problems)), fmt="o",
+            label="rejection_sampling, measured (± s.e.)")
+ax.axhline(accuracy(sc), ls=":", c="grey", label="self-consistency, N = 8")
+ax.set_xlabel("k (most attempts)"); ax.set_ylabel(f"accuracy ({len(problems)} problems)"); ax.legend()
+plt.tight_layout(); plt.show()
+print(f"mean p {np.mean(p):.2f}, TPR {np.mean(tpr):.2f}, FPR {np.mean(fpr):.2f}; "
+      f"attempts per problem at k=8: {np.mean([r.result.info['attempts'] for r in measured[8]]):.1f}")
+"""),
+("md", r"""
+## 4. A verification cascade
+
+`verify_cascade` is rejection sampling whose verifier is a cascade (Solve-Detect-Verify): the cheap learned
+PRM accepts when $\phi \ge 0.8$, rejects when $\phi \le 0.2$, and only in between asks the expensive verifier
+(here the toy task's exact checker, `ARITHMETIC_CONFIG.expensive_verifier`). As one verifier it has
+$\mathrm{TPR} = h_1 + u_1 \mathrm{TPR}_e$ and $\mathrm{FPR} = h_0 + u_0 \mathrm{FPR}_e$ ($h$: accepted outright,
+$u$: unsure; for correct / wrong attempts). The ledger counts every verification in `reward_calls` and
+every escalation in `escalated_calls`, so the share of expensive calls is read off the runs.
+"""),
+("code", r"""
+vc = run_all("verify_cascade")
+calls = sum(run.ledger.reward_calls for run in vc)
+escalated = sum(run.ledger.escalated_calls for run in vc)
+print(f"verify_cascade k=8: accuracy {accuracy(vc):.2f}   (learned PRM alone: {accuracy(measured[8]):.2f})")
+print(f"verifications {calls}, passed to the exact checker {escalated}: {escalated / calls:.0%} expensive calls")
+summary["verify_cascade k=8"] = (accuracy(vc), cost(vc))
+"""),
+("md", r"""
+## 5. DeepPrune: self-consistency without redundant traces
+
+`deep_prune` generates N traces like self-consistency; before every step a judge compares the partial traces
+and each one that will reach the same answer as an earlier kept trace is stopped, its vote passed on to
+that representative: $\mathrm{votes}(i) = \#\{j : \mathrm{root}(j) = i\}$. With a perfect judge the vote is
+self-consistency's, for fewer tokens. The toy task's judge (`ARITHMETIC_CONFIG.judge`) calls two partial
+solutions redundant when their running totals are equal. It is not a perfect judge: two traces with the same
+running total can still end differently (a later line goes wrong in one of them), so pruning can change the
+vote, here for the worse at half the tokens.
+"""),
+("code", r"""
+dp = run_all("deep_prune")
+print(f"deep_prune: accuracy {accuracy(dp):.2f}, tokens per problem {cost(dp):.1f} "
+      f"(self-consistency {cost(sc):.1f}), traces pruned per problem "
+      f"{np.mean([run.result.info['pruned'] for run in dp]):.1f} of {N}")
+summary["deep_prune"] = (accuracy(dp), cost(dp))
+"""),
+("md", r"""
+## 6. A* decoding
+
+`a_star` is best-first search over partial solutions: a node's cost is
+$f(x) = -\alpha \log p(x) - \lambda\, r(x)$ (the model's log-probability of the steps so far, and the PRM's
+log-value of the prefix as the heuristic); the cheapest frontier node is expanded into 4 sampled
+continuations of one step, and the first finished node popped is the answer. The budget N is N generations'
+worth of steps; the search usually stops well before spending it.
+"""),
+("code", r"""
+astar = run_all("a_star")
+print(f"a_star: accuracy {accuracy(astar):.2f}, tokens per problem {cost(astar):.1f} "
+      f"(generated {np.mean([run.ledger.tokens for run in astar]):.1f}), expansions per problem "
+      f"{np.mean([run.result.info['expansions'] for run in astar]):.1f}")
+summary["a_star"] = (accuracy(astar), cost(astar))
+"""),
+("md", r"""
+## 7. Compute-optimal allocation
+
+Snell et al.'s compute-optimal scaling spends compute where it pays: a cheap pilot (self-consistency with
+4 samples) measures the problem's difficulty by its **agreement**, the share of samples giving the most common
+answer; a policy maps agreement bins to a (method, N). `ppl-scaling allocate` learns the policy from a
+validation run by solving $\max \sum_b w_b\,\mathrm{acc}_b(o_b)$ subject to
+$c_\text{pilot} + \sum_b w_b\,\mathrm{cost}_b(o_b) \le T$ (bin shares $w_b$, a mean token budget $T$).
+Here a hand-written policy: when the pilot agrees less than 3 in 4, run A* with N = 8, else keep the
+pilot's answer. The ledger counts the pilot and the chosen method.
+"""),
+("code", r"""
+policy = Policy(pilot=("self_consistency", 4), edges=(0.75,), choices=(("a_star", 8), ("self_consistency", 4)),
+                token_budget=float("nan"), expected_accuracy=float("nan"), expected_tokens=float("nan"))
+co = run_all("compute_optimal", budget=1, config=dataclasses.replace(ARITHMETIC_CONFIG, policy=policy))
+chosen = [run.result.info["compute_optimal"] for run in co]
+print("pilot agreement:", [c["agreement"] for c in chosen])
+print(f"a_star ran on {sum(c['method'] == 'a_star' for c in chosen)} of {len(problems)} problems; "
+      f"accuracy {accuracy(co):.2f}, tokens per problem {cost(co):.1f} (pilot included)")
+summary["compute_optimal"] = (accuracy(co), cost(co))
+"""),
+("md", r"""
+## All together: accuracy against compute
+
+Compute is generated plus reward tokens per problem (the PRM's tokens count: best-of-N style methods pay
+for scoring every candidate). On 20 problems, differences below about 0.2 are noise.
+"""),
+("code", r"""
+print(f"{'method':>26} | accuracy | tokens per problem")
+for name, (acc, tokens) in sorted(summary.items(), key=lambda kv: kv[1][1]):
+    print(f"{name:>26} | {acc:8.2f} | {tokens:8.1f}")
+points = {}   # methods at the same point share a marker
+for name, xy in summary.items():
+    points.setdefault(xy, []).append(name)
+fig, ax = plt.subplots(figsize=(7, 4))
+for (acc, tokens), names in sorted(points.items(), key=lambda kv: kv[0][1]):
+    ax.scatter(tokens, acc, label=" = ".join(names))
+ax.legend(fontsize=8, loc="lower right")
+ax.set_xlabel("generated + reward tokens per problem"); ax.set_ylabel(f"accuracy ({len(problems)} problems, N = {N})")
+plt.tight_layout(); plt.show()
+"""),
+("md", r"""
+## Where next
+
+The same methods run from the command line on any task, with paired comparisons in the report:
+
+```bash
+ppl-scaling eval --methods rpc,first_finish,deep_prune,a_star,rejection_sampling,verify_cascade,self_consistency \
+    --budgets 8 --problems 100 --out new.jsonl
+ppl-scaling eval --methods self_consistency --early-stop settled --budgets 16 --problems 100 --out settled.jsonl
+ppl-scaling report new.jsonl --compare a_star,self_consistency
+# compute-optimal: a policy from validation problems, then the test problems
+ppl-scaling eval --split validation --methods self_consistency,a_star,particle_filtering --budgets 4,8,16 --out val.jsonl
+ppl-scaling allocate val.jsonl --token-budget 600 --out policy.json
+ppl-scaling eval --methods compute_optimal --policy policy.json --budgets 1 --out test.jsonl
+```
+
+`verify_cascade` needs an expensive verifier on other tasks (`--expensive-prm`); the measured comparisons on
+100-200 problems are in `benchmarks/RESULTS.md` (`benchmarks/compute_optimal.py` for the allocation).
+"""),
+]
+
+
+for name, cells in (("02_custom_potentials.ipynb", T02), ("03_llm_particle_filtering.ipynb", T03),
+                    ("06_new_methods.ipynb", T06)):
     write(cells, ROOT / "tutorials" / name)

@@ -109,3 +109,18 @@ def test_allocate_and_eval_from_the_command_line(tmp_path, capsys):
     header, *rows = [json.loads(line) for line in test.read_text().splitlines()]
     assert len(rows) == 3 and header["settings"]["policy"]["pilot"] == ["self_consistency", 2]
     assert main(["allocate", str(val), "--token-budget", "1", "--out", str(policy)]) == 2
+
+
+def test_compute_optimal_runs_the_chosen_method_with_the_tasks_options():
+    """The chosen method runs as the harness would run it: store_history only where taken
+    (a_star, deep_prune keep none), the task's expensive verifier for verify_cascade, its
+    judge for deep_prune."""
+    lm, prm = toy_lm(), exact_prm()
+    item = arithmetic_task(1).items[0]
+    for method in ("a_star", "deep_prune", "verify_cascade"):
+        policy = Policy(("self_consistency", 2), (), ((method, 2),), 1e9, 0.0, 0.0)
+        run = run_method("compute_optimal", lm, item.prompt, prm=prm, budget=1, rng=np.random.default_rng(0),
+                         config=replace(ARITHMETIC_CONFIG, policy=policy, store_history=True))
+        assert run.result.info["compute_optimal"]["method"] == method
+        if method == "verify_cascade":
+            assert run.result.info["method"] == "compute_optimal" and run.ledger.reward_calls >= 1
