@@ -13,20 +13,33 @@ call (best-of-N's cost). Times are process CPU seconds (one torch thread), the m
 interleaved repeats: on a shared machine CPU time is far less noisy than wall time. A last
 line runs both loops with a zero-cost denoiser: the engine's absolute cost per step.
 
-Part 2 (shape bias). The analytic 1-D mixture 0.5 N(-1.5, .5²) + 0.5 N(1.5, .5²), reward r(x) = x,
+Part 2 (pipelines). Tiny random SDXL and SD3 pipelines (tests/diffusion_fixtures.py), N images of
+HxW, K steps, one prompt with classifier-free guidance, 1 torch thread, process CPU seconds, minima over
+interleaved repeats:
+
+    plain      pipe(prompt, num_images_per_prompt=N, num_inference_steps=K): text encoding, K guided
+               steps, the VAE decode and PIL conversion (SDXL on the same DDIM, eta = 1)
+    FK         steer(pipe, prompt, zero reward, num_particles=N, ...) with resampling at every step (worst
+               case), and FK's sparse schedule; "reward excluded" subtracts the VAE decodes of the x0
+               predictions the reward reads (all decodes but steer's final one), timed as they run
+
+Part 3 (shape bias). The analytic 1-D mixture 0.5 N(-1.5, .5²) + 0.5 N(1.5, .5²), reward r(x) = x,
 lam = 0.578: the exact tilted right-mode weight is 0.85 (the DDPM sampler's own tilt, the
 reference column, is estimated from 100k base samples). Mean over replicates of the weighted
 right-mode mass for each shape, N and schedule; and the same for FK-Diffusion-Steering's
 adaptive resampling as its code runs it (weights dropped at steps without resampling).
 
-    .venv/bin/python benchmarks/diffusion_overhead.py            # both parts
+    .venv/bin/python benchmarks/diffusion_overhead.py            # all parts
     .venv/bin/python benchmarks/diffusion_overhead.py --part overhead
+    .venv/bin/python benchmarks/diffusion_overhead.py --part pipelines --particles 8 --steps 20 --repeats 5
     .venv/bin/python benchmarks/diffusion_overhead.py --quick    # a smoke run (numbers meaningless)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +52,8 @@ from ppl_scaling.samplers.fk_steering import fk_steering
 from ppl_scaling.state import take
 from ppl_scaling.tilt import Tilted
 from ppl_scaling.weights import ess, normalise
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_unet():
@@ -119,6 +134,75 @@ def overhead(N: int, K: int, repeats: int) -> None:
           f"the UNet step costs {1e3 * base / K:.2f} ms.")
 
 
+class TimedDecode:
+    """Wraps ``vae.decode``, recording the process time of each call."""
+
+    def __init__(self, decode) -> None:
+        self.decode, self.times = decode, []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.process_time()
+        out = self.decode(*args, **kwargs)
+        self.times.append(time.process_time() - t0)
+        return out
+
+
+def pipelines(N: int, K: int, size: int, repeats: int) -> None:
+    from ppl_scaling.diffusion.pipelines import steer, stochastic_scheduler
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from diffusion_fixtures import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    zero = lambda x: torch.zeros(x.shape[0])  # noqa: E731
+    prompt, kw = "a photo of a cat", dict(height=size, width=size, num_inference_steps=K, guidance_scale=5.0)
+    sparse = {"resample_every": max(1, K // 10), "t_start": max(1, K // 10), "t_end": (3 * K) // 5}
+    print(f"\n### FK steering of tiny diffusers pipelines: N={N} images {size}x{size}, K={K} steps, CFG, "
+          f"min of {repeats} interleaved repeats, torch threads={torch.get_num_threads()}\n")
+    rows, notes = ["| pipeline | run | time (s) | ratio vs plain |", "| --- | --- | ---: | ---: |"], []
+    for name, pipe, extra in (("SDXL", tiny_sdxl_pipeline(), {}),
+                              ("SD3", tiny_sd3_pipeline(), {"max_sequence_length": 16})):
+        pipe.set_progress_bar_config(disable=True)
+        if name == "SDXL":
+            pipe.scheduler = stochastic_scheduler(pipe.scheduler)
+            extra_plain = {"eta": 1.0}
+        else:
+            extra_plain = {}
+        timer = TimedDecode(pipe.vae.decode)
+        pipe.vae.decode = timer
+
+        def plain(s):
+            pipe(prompt, num_images_per_prompt=N, generator=torch.Generator().manual_seed(s), **kw, **extra,
+                 **extra_plain)
+
+        def fk(options):
+            return lambda s: steer(pipe, prompt, zero, num_particles=N, seed=s, **kw, **extra, **options)
+
+        runs = {"plain": plain, "FK, every step": fk({"ess_threshold": 1.0}),
+                f"FK schedule {sparse['t_start']}..{sparse['t_end']}/{sparse['resample_every']}": fk(sparse)}
+        total: dict[str, list[float]] = {k: [] for k in runs}
+        excluded: dict[str, list[float]] = {k: [] for k in runs}
+        for f in runs.values():  # warm-up
+            f(0)
+        for r in range(repeats):
+            for k, f in runs.items():
+                timer.times.clear()
+                t0 = time.process_time()
+                f(r)
+                total[k].append(time.process_time() - t0)
+                excluded[k].append(total[k][-1] - sum(timer.times[:-1]))  # all decodes but the final one
+        base = min(total["plain"])
+        rows.append(f"| {name} | plain | {base:.3f} | 1.000 |")
+        for k in list(runs)[1:]:
+            t, e = min(total[k]), min(excluded[k])
+            rows.append(f"| {name} | {k}, reward + x0 decodes included | {t:.3f} | {t / base:.3f} |")
+            rows.append(f"| {name} | {k}, reward excluded | {e:.3f} | {e / base:.3f} |")
+        extra_ms = 1e3 * (min(excluded["FK, every step"]) - base) / K
+        notes.append(f"{name}: FK (every step, reward excluded) costs {extra_ms:.2f} ms per step more than the "
+                     f"pipeline, whose whole run is {1e3 * base / K:.2f} ms per step.")
+        del pipe.vae.decode
+    print("\n".join(rows) + "\n\n" + "\n".join(notes))
+
+
 def fk_reference_adaptive(fk: Tilted, N: int, rng: np.random.Generator) -> np.ndarray:
     """FK-Diffusion-Steering's adaptive mode as its code runs it (open issue #12): at each step
     resample by this step's potential alone if its ESS < N/2, otherwise keep the particles and
@@ -171,12 +255,13 @@ def shape_bias(Ns: list[int], K: int, replicates: int, base_samples: int = 100_0
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["overhead", "bias", "all"], default="all")
+    p.add_argument("--part", choices=["overhead", "pipelines", "bias", "all"], default="all")
     p.add_argument("--particles", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--replicates", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size", type=int, default=64, help="pipelines: image height and width")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, meaningless numbers")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,6 +269,9 @@ def main() -> None:
         args.particles, args.steps, args.repeats, args.replicates = 4, 10, 1, 2
     if args.part in ("overhead", "all"):
         overhead(args.particles, args.steps, args.repeats)
+    if args.part in ("pipelines", "all"):
+        pipelines(min(args.particles, 8) if args.part == "all" else args.particles, min(args.steps, 20)
+                  if args.part == "all" else args.steps, 32 if args.quick else args.size, args.repeats)
     if args.part in ("bias", "all"):
         if args.quick:
             shape_bias([16], 10, args.replicates, base_samples=2000)

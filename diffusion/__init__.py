@@ -9,9 +9,12 @@
   ``DenoisingDynamics`` is what both share (state, moves, views, soft values).
 - ``process``: the diffusers scheduler adapter (``ReverseProcess``); ``schedules``: FK's sparse
   resampling schedules (``fk_schedule``, ``potential_steps``).
-- ``rewards``: classifier, JPEG compressibility, brightness, lazy CLIP / aesthetic loaders.
+- ``rewards``: image rewards as potentials (products, tempering): classifier, JPEG
+  compressibility, brightness, and ``load_reward`` for CLIP score, PickScore, HPSv2, LAION
+  aesthetic and ImageReward checkpoints (lazy).
 - ``gmm``: an analytic Gaussian-mixture diffusion with closed-form tilted targets.
-- ``pipelines`` (import explicitly): steering a diffusers Stable Diffusion pipeline.
+- ``pipelines`` (import explicitly): ``steer(pipe, prompt, reward, ...)`` for diffusers' Stable
+  Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines (``.images`` and the SMC record).
 - ``toy`` / ``masked``: the bundled digits DDPM and the masked text diffusion model;
   ``masked_lm.HFDenoiser``: Hugging Face masked diffusion LMs (LLaDA, MDLM, BERT-style) as its
   denoiser (``MaskedDiffusionModel.from_pretrained``).

@@ -30,7 +30,8 @@ models) sample particles with SDEs of this family; their best variant also conve
 interpolant to a variance-preserving one, which is not done here.
 
 The grid is the scheduler's ``sigmas`` after ``set_timesteps(K)`` (its ``shift``, or a dynamic
-shift ``mu`` for Flux, included); M0 draws x ~ N(0, I) at t_0, as diffusers' pipelines do.
+shift ``mu`` for Flux, included; custom base ``sigmas`` such as Flux's linspace(1, 1/K, K) go
+through the same shift); M0 draws x ~ N(0, I) at t_0, as diffusers' pipelines do.
 ``FlowMatchingModel`` is a ``DenoisingDynamics``: states, steps (T = K + 1), ``view`` (the x0
 predictions x0_hat = x - t v, decoded), ``rewards`` ("x0", "many", callable) and
 ``sample`` are those of ``DiffusionModel``; its ᾱ_t, which sets the default ``x0_std``, is that
@@ -68,7 +69,8 @@ class FlowProcess:
 
     def __init__(self, velocity: Denoiser, scheduler: Any, sample_shape: Iterable[int], *,
                  num_inference_steps: int = 28, noise_level: float = 0.7, mu: float | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 sigmas: Iterable[float] | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if not callable(velocity):
             raise TypeError(f"velocity must be callable as velocity(x_t, t), got {type(velocity).__name__}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
@@ -85,7 +87,10 @@ class FlowProcess:
         self.device = torch.device(device)
         self.dtype = dtype
         scheduler = type(scheduler).from_config(scheduler.config)
-        scheduler.set_timesteps(self.K, **({} if mu is None else {"mu": float(mu)}))
+        options = {} if mu is None else {"mu": float(mu)}
+        if sigmas is not None:
+            options["sigmas"] = [float(s) for s in sigmas]
+        scheduler.set_timesteps(self.K, **options)
         sigmas = scheduler.sigmas.double().cpu().numpy()
         if sigmas.shape != (self.K + 1,) or sigmas[-1] != 0.0 or not (np.diff(sigmas) < 0).all() or sigmas[0] > 1:
             raise ValueError(f"{self.name}.sigmas must fall from at most 1 to 0 in {self.K} steps "
@@ -128,14 +133,17 @@ class FlowProcess:
         """(m_i, s_i): the Gaussian N(m_i, s_i² I) of the step from level i to i + 1 at x with velocity v."""
         t, h = float(self.sigmas[i]), float(self.sigmas[i] - self.sigmas[i + 1])
         g2 = self.g2(i)
-        return x - h * (v + g2 / (2 * t) * (x + (1 - t) * v)), float(np.sqrt(g2 * h))
+        # m = x - h [v + g² / (2t) (x + (1 - t) v)] = a x + b v, in one fused pass
+        a, b = 1.0 - h * g2 / (2 * t), -h * (1.0 + g2 * (1 - t) / (2 * t))
+        return torch.add(x * a, v, alpha=b), float(np.sqrt(g2 * h))
 
     def step(self, v: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One Euler-Maruyama step from level i to level i + 1: a draw of N(m_i, s_i² I)."""
         mean, std = self.transition(v, i, x)
         if std > 0:
             device = x.device if generator is None else generator.device
-            mean = mean + std * torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+            mean = mean.add_(torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device),
+                             alpha=std)
         bad = first_nonfinite(mean)
         if bad is not None:
             raise DenoiserError(f"the {self.name} SDE step from level {i} to {i + 1} of {self.K} (flow time "
@@ -152,13 +160,15 @@ class FlowMatchingModel(DenoisingDynamics):
     ``timestep = t * 1000`` for SD3, t for Flux). ``scheduler``: a ``FlowMatchEulerDiscreteScheduler``
     (or one with its ``set_timesteps`` / ``sigmas``), default ``FlowMatchEulerDiscreteScheduler()``;
     ``shift`` overrides its shift, ``mu`` is the dynamic shift of schedulers with
-    ``use_dynamic_shifting``. ``noise_level`` η scales g; ``decode``, ``intermediate``,
-    ``num_x0_samples``, ``x0_std`` and ``cond`` are those of ``DiffusionModel``.
+    ``use_dynamic_shifting``, ``sigmas`` the K base sigmas it shifts (default: the scheduler's).
+    ``noise_level`` η scales g; ``decode``, ``intermediate``, ``num_x0_samples``, ``x0_std`` and
+    ``cond`` are those of ``DiffusionModel``.
     """
 
     def __init__(self, velocity: Denoiser, sample_shape: Iterable[int], *, scheduler: Any = None,
                  num_inference_steps: int = 28, shift: float | None = None, mu: float | None = None,
-                 noise_level: float = 0.7, decode: Callable[[Any], Any] | None = None,
+                 sigmas: Iterable[float] | None = None, noise_level: float = 0.7,
+                 decode: Callable[[Any], Any] | None = None,
                  intermediate: str | Callable[[torch.Tensor, Any], Any] = "x0", num_x0_samples: int = 4,
                  x0_std: float | Callable[[float], float] | None = None, cond: Any = None,
                  allow_deterministic: bool = False, device: str | torch.device = "cpu",
@@ -170,7 +180,7 @@ class FlowMatchingModel(DenoisingDynamics):
         if shift is not None:
             scheduler = type(scheduler).from_config(scheduler.config, shift=float(shift))
         process = FlowProcess(velocity, scheduler, sample_shape, num_inference_steps=num_inference_steps,
-                              noise_level=noise_level, mu=mu, device=device, dtype=dtype)
+                              noise_level=noise_level, mu=mu, sigmas=sigmas, device=device, dtype=dtype)
         if not (process.stochastic or allow_deterministic):
             raise ValueError("noise_level=0 is the deterministic flow ODE: resampled copies would stay identical. "
                              "Use noise_level > 0 (0.7 is Flow-GRPO's), or allow_deterministic=True")

@@ -1,10 +1,12 @@
 """Write tutorials/04_image_diffusion_steering.ipynb and 05_text_diffusion_steering.ipynb
 (without outputs; the test suite executes them).
 
-    python scripts/make_diffusion_tutorials.py
+    python scripts/make_diffusion_tutorials.py          # both
+    python scripts/make_diffusion_tutorials.py 04       # only the notebooks whose names start with 04
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from notebooks import write
@@ -39,7 +41,8 @@ import ppl_scaling as pps
 from ppl_scaling import Tilted
 from ppl_scaling.diffusion import toy
 from ppl_scaling.diffusion.model import DiffusionModel
-from ppl_scaling.samplers import fk_steering, importance_sampling, svdd, zero_order_search
+from ppl_scaling.samplers import (fk_steering, importance_sampling, random_search, search_over_paths, svdd,
+                                  zero_order_search)
 from ppl_scaling.plots import plot_ess
 
 torch.set_num_threads(1)
@@ -172,17 +175,30 @@ and SVDD score every step. Each run returns one sample:
 - **FK steering**: $N$ particles, one draw from the final weights (a sample of $\pi$);
 - **importance sampling**: $N$ independent samples weighted by $\exp(\lambda r)$, one weighted draw
   (also a sample of $\pi$, without resampling on the way);
-- **best-of-N**: the highest-reward sample of the same $N$ independent samples (`best_of_n`, and
-  `random_search`, the search over initial noises, run exactly this and answer with the argmax);
+- **best-of-N**: the highest-reward sample of the same $N$ independent samples (`best_of_n`);
 - **SVDD** (Li et al. 2024): one chain that proposes $N$ candidate next states at every step and continues
-  from the best by the reward of its $x_0$ prediction (`svdd(model, 1, num_candidates=N)`);
-- **zero-order search** (Ma et al. 2025) over the initial noise of a deterministic DDIM sampler: from a
-  pivot noise, each round denoises $M$ = `num_candidates` neighbours and moves to the best; it costs
-  $K (1 + \text{rounds} \cdot M)$ NFEs, so one round of $M = N - 1$ neighbours spends $N K$.
+  from the best by the reward of its $x_0$ prediction (`svdd(model, 1, num_candidates=N)`).
 
-FK steering and importance sampling *sample* the tilted target; best-of-N, SVDD and zero-order search
-*maximise* the reward. `diffusion.demo.run_image_demo` makes a similar comparison with more particle
-counts and saves plots (it is part of `make demo`).
+The noise searches of Ma et al. (2025) run a *deterministic* sampler (DDIM with $\eta = 0$), where the sample
+is a function of the initial noise, and answer with the best sample they found:
+
+- **random search**: $N$ initial noises, the best sample (best-of-N on the DDIM sampler), $N K$ NFEs;
+- **zero-order search**: from a pivot noise $n$, each round denoises neighbours $\sqrt{1 - s^2}\, n + s\,\xi$
+  and moves the pivot to the best if it beats it; $K (1 + \text{rounds} \cdot M)$ NFEs, so $M = 1$
+  neighbour for $N - 1$ rounds spends $N K$;
+- **search over paths**: denoise a path to level `start`, branch it $M$ ways by re-noising `forward` levels
+  (a draw of $q(x_j \mid x_i)$) and denoising `backward` levels, keep the best branches by the reward of
+  their $x_0$ prediction, until the clean level; here one round from level 4, with the largest $M$ that
+  fits in $N K$ NFEs.
+
+FK steering and importance sampling *sample* the tilted target; the others *maximise* the reward. Compare
+the noise searches with random search (same sampler) and the rest with best-of-N. On this reward local
+search does not pay: $\log p(y = 4 \mid x)$ is nearly flat away from the 4s, and the neighbourhood of a noise
+that makes another digit holds few 4s, so at equal NFEs zero-order search does no better than random search
+(in the benchmark, worse at 16 K NFEs) and search over paths is not clearly better. Zero-order search does beat random search
+on a smooth reward, the amount of ink, once it has enough rounds (`benchmarks/noise_search.py`, whose table
+is in `benchmarks/RESULTS.md`). `diffusion.demo.run_image_demo` compares FK steering with the
+baselines at more particle counts and saves plots (it is part of `make demo`).
 """),
     ("code", r"""
 from diffusers import DDIMScheduler
@@ -191,19 +207,23 @@ ddim = toy.digits_model(K, unet=unet, scheduler=DDIMScheduler.from_config(schedu
                         allow_deterministic=True)   # deterministic: the sample is a function of the noise
 
 def one_run(N, rng):
-    # One run of each method with a budget of N x K NFEs -> {method: (sample, its result)}.
+    # One run of each method with a budget of N x K NFEs (search over paths: at most) -> {method: (sample, result)}.
     fk = fk_steering(model, N, potential=reward, lam=lam, rng=rng)
     is_ = importance_sampling(model, N, potential=reward, lam=lam, rng=rng)
     sv = svdd(model, 1, potential=reward, num_candidates=N, rng=rng)
-    zo = zero_order_search(ddim, N - 1, potential=reward, rounds=1, rng=rng)
+    rs = random_search(ddim, N, potential=reward, rng=rng)
+    zo = zero_order_search(ddim, 1, potential=reward, rounds=N - 1, rng=rng)
+    ps = search_over_paths(ddim, 1, potential=reward, num_branches=(N * K - 4) // (K - 3), start=4,
+                           backward=K - 3, forward=1, rng=rng)
+    def best(res):
+        return res.particles.x[res.best_index]
     return {"fk_steering": (fk.particles.x[rng.choice(N, p=fk.weights)], fk),
             "importance": (is_.particles.x[rng.choice(N, p=is_.weights)], is_),
-            "best_of_n": (is_.particles.x[int(np.argmax(is_.rewards))], is_),
-            "svdd": (sv.particles.x[int(np.argmax(sv.log_weights))], sv),
-            "zero_order": (zo.particles.x[int(np.argmax(zo.log_weights))], zo)}
+            "best_of_n": (best(is_), is_), "svdd": (best(sv), sv),
+            "random_search": (best(rs), rs), "zero_order": (best(zo), zo), "paths": (best(ps), ps)}
 
 rng = np.random.default_rng(2)
-print(f"{'N':>3} {'method':<12} {'NFEs/run':>8} {'reward calls':>12} {'reward':>8} {'held-out acc':>12}")
+print(f"{'N':>3} {'method':<14} {'NFEs/run':>8} {'reward calls':>12} {'reward':>8} {'held-out acc':>12}")
 for N in (2, 4, 8):
     runs = [one_run(N, rng) for _ in range(6)]
     for method in runs[0]:
@@ -211,7 +231,7 @@ for N in (2, 4, 8):
         nfe = np.mean([run[method][1].ledger.nfe for run in runs])
         calls = np.mean([run[method][1].ledger.reward_calls for run in runs])
         acc = (toy.classify(xs, judge).argmax(-1) == target).float().mean().item()
-        print(f"{N:>3} {method:<12} {nfe:>8.0f} {calls:>12.0f} {reward(xs).mean().item():>8.3f} {acc:>12.2f}")
+        print(f"{N:>3} {method:<14} {nfe:>8.0f} {calls:>12.0f} {reward(xs).mean().item():>8.3f} {acc:>12.2f}")
 """),
     ("md", r"""
 ## FK-Diffusion-Steering's sparse schedule
@@ -255,8 +275,10 @@ print(out.summary())                             # ESS, resampling steps, NFEs a
 
 `stable_diffusion_model(pipe, prompt, num_particles)` returns the `DiffusionModel` itself, for
 `Tilted` or any method of `ppl_scaling.samplers`. Any function from a batch of images in [0, 1] to one
-float per image is a reward: `jpeg_compressibility` needs no weights; `image_reward` and `aesthetic_score`
-load user-provided checkpoints lazily.
+float per image is a reward, and every reward of `diffusion.rewards` is a potential (products, tempering:
+`clip * brightness ** 0.5`): `jpeg_compressibility` and `brightness` need no weights;
+`load_reward(name, path, ...)` loads CLIP score, PickScore, HPSv2, the LAION aesthetic predictor or
+ImageReward from user-provided local checkpoints, importing their packages lazily.
 """),
 ]
 
@@ -410,10 +432,11 @@ print("lam = 0: all log weights zero:", bool((res0.log_weights == 0).all()),
 ]
 
 
-def main() -> None:
+def main(prefixes: list[str]) -> None:
     for name, cells in (("04_image_diffusion_steering.ipynb", IMAGE), ("05_text_diffusion_steering.ipynb", TEXT)):
-        write(cells, TUTORIALS / name)
+        if not prefixes or name.startswith(tuple(prefixes)):
+            write(cells, TUTORIALS / name)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
