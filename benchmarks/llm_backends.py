@@ -2,6 +2,7 @@
 (vs its_hub driving the same server, where installed).
 
     .venv-vllm/bin/python benchmarks/llm_backends.py --problems 20 --particles 8
+    .venv-vllm/bin/python benchmarks/llm_backends.py --backends server,its_hub --concurrency 8   # each at its best
 
 Every backend runs the same particle filter (``tests/vllm_server.run_toy``: StepModel
 tilted by the soft step checker, step delimiter "\\n", weighted-majority answer)
@@ -11,7 +12,10 @@ warm-up problem: start-up is reported separately), and accuracy. its_hub's ``Par
 (the same vLLM server), the same number of particles, the same step
 delimiter and the same checker, read as a PRM probability (1 for a correct prefix, 0.1
 otherwise: its weights are logit(probability)); its answer is its own argmax selection.
-A markdown table goes to stdout.
+A markdown table goes to stdout. With ``--concurrency K`` both sides run K problems at once,
+each at its best: ours through ``ppl_scaling.models.lockstep.run_many`` (the runs' step requests
+merged into one batch per round; the same filter through ``run_method``), its_hub through
+``ParticleFiltering.ainfer`` gathered with asyncio (K problems in flight).
 """
 from __future__ import annotations
 
@@ -87,6 +91,33 @@ def bench_server(problems, args, server: VLLMServer) -> dict:
     return out
 
 
+def bench_server_lockstep(problems, args, server: VLLMServer) -> dict:
+    """The same filter (``particle_filtering_adaptive``: SMC on StepModel tilted by the soft
+    checker, weighted majority) on ``args.concurrency`` problems at once in lockstep."""
+    from ppl_scaling.models.harness import MethodConfig
+    from ppl_scaling.models.lockstep import Job, run_many
+    from ppl_scaling.models.openai_backend import OpenAICompatibleLanguageModel
+    from ppl_scaling.models.toy import STEP_DELIMITER, extract_answer
+
+    from tests.vllm_server import soft_checker
+
+    config = MethodConfig(step_delimiter=STEP_DELIMITER, max_steps=8, max_step_tokens=16, temperature=args.temperature,
+                          stop=r"A:-?\d+\n", extract=extract_answer, key=int)
+    lm = OpenAICompatibleLanguageModel(server.url, "toy", tokenizer=TOY, max_concurrency=256, logprobs=args.logprobs)
+
+    def jobs(ps, seed):
+        return [Job("particle_filtering_adaptive", p.prompt, args.particles, np.random.default_rng(seed + i))
+                for i, p in enumerate(ps)]
+
+    run_many(jobs(problems[:1], 10**6), lm, prm=soft_checker, concurrency=1, config=config)   # warm-up
+    with recording() as spent:
+        runs = run_many(jobs(problems, args.seed), lm, prm=soft_checker, concurrency=args.concurrency, config=config)
+    lm.close()
+    return {"backend": f"vLLM server (ours, lockstep K={args.concurrency})", "setup_s": server.ready_s,
+            "wall_s": spent.wall_s, "tokens": sum(r.ledger.tokens for r in runs),
+            "accuracy": float(np.mean([r.answer == p.answer for r, p in zip(runs, problems)]))}
+
+
 def bench_its_hub(problems, args, server: VLLMServer) -> dict | None:
     try:
         import its_hub  # noqa: F401
@@ -117,16 +148,31 @@ def bench_its_hub(problems, args, server: VLLMServer) -> dict | None:
     pf = ParticleFiltering(sg, Checker())
     pf.infer(lm, problems[0].prompt, budget=args.particles)  # warm-up, not timed
     before = server_generated_tokens(server.url)
+
+    async def gather(k: int) -> list:
+        limit = asyncio.Semaphore(k)
+
+        async def one(p):
+            async with limit:
+                return await pf.ainfer(lm, p.prompt, budget=args.particles, return_response_only=True)
+
+        return await asyncio.gather(*(one(p) for p in problems))
+
     t0 = time.perf_counter()
+    if args.concurrency > 1:
+        outs = asyncio.run(gather(args.concurrency))
+    else:
+        outs = [pf.infer(lm, p.prompt, budget=args.particles, return_response_only=True) for p in problems]
+    wall = time.perf_counter() - t0
     correct = []
-    for p in problems:
-        out = pf.infer(lm, p.prompt, budget=args.particles, return_response_only=True)
+    for p, out in zip(problems, outs):
         text = out.get("content", "") if isinstance(out, dict) else str(out)
         correct.append(extract_answer(text) == p.answer)
-    wall = time.perf_counter() - t0
     if hasattr(lm, "close"):
         asyncio.run(lm.close())
-    return {"backend": "its_hub ParticleFiltering -> vLLM server", "setup_s": server.ready_s, "wall_s": wall,
+    name = "its_hub ParticleFiltering -> vLLM server" + (f" (asyncio, K={args.concurrency})"
+                                                           if args.concurrency > 1 else "")
+    return {"backend": name, "setup_s": server.ready_s, "wall_s": wall,
             "tokens": server_generated_tokens(server.url) - before, "accuracy": float(np.mean(correct))}
 
 
@@ -148,6 +194,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", default="hf,vllm,server,its_hub")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="problems at once for the server backends (ours in lockstep, its_hub with asyncio)")
     ap.add_argument("--logprobs", action="store_true",
                     help="ask vLLM for the sampled tokens' log-probabilities (the filter here does not need them; "
                          "on a CPU server they double the cost of a request)")
@@ -166,6 +214,8 @@ def main() -> None:
             server.ready_s = time.perf_counter() - t0
             if "server" in wanted:
                 rows.append(bench_server(problems, args, server))
+                if args.concurrency > 1:
+                    rows.append(bench_server_lockstep(problems, args, server))
             if "its_hub" in wanted:
                 r = bench_its_hub(problems, args, server)
                 if r is not None:
