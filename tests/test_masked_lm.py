@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_text_diffusion import IndependentTokens, check_tilted_count, count_ones
+from tiny_llama import sharpen
 
 import ppl_scaling as pps
 from ppl_scaling.diffusion.masked import MaskedDiffusionModel, MaskedState
@@ -45,10 +46,7 @@ def build_masked_lm(path, arch):
         else:
             model = ModernBertForMaskedLM(ModernBertConfig(**size, cls_token_id=2, sep_token_id=3, bos_token_id=2,
                                                            eos_token_id=3, global_attn_every_n_layers=1))
-        with torch.no_grad():  # sharper, more context-dependent predictions than the default init
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(3.0)
+        sharpen(model, 3.0)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
