@@ -21,12 +21,15 @@ exact checker, same N, resampling every line) as a LLaMPPL program with ``smc_st
 in the interpreter PYTHON of an environment with ``llamppl`` (its pins clash with ours:
 ``python -m venv v && v/bin/pip install torch==2.13.0 && v/bin/pip install llamppl``),
 and reports our speed-up per token. Times are CPU seconds of the process (robust on a
-shared machine). Prints a markdown table.
+shared machine). Prints a markdown table. ``--concurrency K`` also runs the problems K at a
+time, each side at its best: ours in lockstep (``models.lockstep.run_many`` of the PF-paper
+filter with the exact checker: the runs' steps merged into shared forwards), LLaMPPL's
+``smc_standard`` coroutines gathered with asyncio (its ``CachedCausalLM`` batches the
+concurrent next-token requests itself).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
 import numpy as np
@@ -59,6 +62,20 @@ def time_pf(lm, prompts, N, potential, seed):
     return time.process_time() - start, tokens
 
 
+def time_pf_lockstep(lm, prompts, N, potential, seed, K):
+    """The PF-paper filter (shape ``last``, resampling every step) on every prompt, K runs at
+    once in lockstep: (CPU seconds, generated tokens)."""
+    from ppl_scaling.models.harness import MethodConfig
+    from ppl_scaling.models.lockstep import Job, run_many
+
+    config = MethodConfig(step_delimiter="\n", max_steps=8, max_step_tokens=12, temperature=1.0,
+                          stop=r"A:-?\d+\n", extract=toy.extract_answer, key=int)
+    jobs = [Job("particle_filtering", p, N, np.random.default_rng(seed + i)) for i, p in enumerate(prompts)]
+    start = time.process_time()
+    runs = run_many(jobs, lm, prm=potential, concurrency=K, config=config)
+    return time.process_time() - start, sum(int(r.result.particles.num_tokens.sum()) for r in runs)
+
+
 def time_ours_plain(lm, prompts, N, seed):
     tokens, start = 0, time.process_time()
     for i, prompt in enumerate(prompts):
@@ -68,7 +85,7 @@ def time_ours_plain(lm, prompts, N, seed):
 
 
 def time_hf_plain(lm, prompts, N, length, seed):
-    model, tok = lm.model, lm.tokenizer
+    model = lm.model
     g = torch.Generator().manual_seed(seed)
     tokens, start = 0, time.process_time()
     with torch.random.fork_rng(devices=[]):
@@ -127,15 +144,28 @@ class LinePF(Model):
     def immutable_properties(self):
         return {"prompt"}
 
+K = int(sys.argv[6])
+
+async def gathered(N):
+    # K problems in flight: their next-token requests meet in CachedCausalLM's auto-batching
+    limit = asyncio.Semaphore(K)
+    async def one(p):
+        async with limit:
+            return await smc_standard(LinePF(p), N, ess_threshold=1.0)
+    return await asyncio.gather(*(one(p) for p in prompts))
+
 out = []
 for N in Ns:
     asyncio.run(smc_standard(LinePF(prompts[0]), N, ess_threshold=1.0))  # warm-up
     best = None
     for _ in range(repeats):
         tokens, start = 0, time.process_time()
-        for p in prompts:
-            particles = asyncio.run(smc_standard(LinePF(p), N, ess_threshold=1.0))
-            tokens += sum(q.ntok for q in particles)
+        if K > 1:
+            tokens = sum(q.ntok for ps in asyncio.run(gathered(N)) for q in ps)
+        else:
+            for p in prompts:
+                particles = asyncio.run(smc_standard(LinePF(p), N, ess_threshold=1.0))
+                tokens += sum(q.ntok for q in particles)
         run = (time.process_time() - start, tokens)
         best = run if best is None or run[0] < best[0] else best
     out.append([N, *best])
@@ -143,9 +173,9 @@ print(json.dumps(out))
 """
 
 
-def time_llamppl(python, prompts, Ns, repeats):
+def time_llamppl(python, prompts, Ns, repeats, K=1):
     """The same particle filter as a LLaMPPL program, run by ``python`` (an environment
-    with ``llamppl``): {N: (CPU seconds, tokens)}."""
+    with ``llamppl``), K problems at once: {N: (CPU seconds, tokens)}."""
     import json
     import os
     import subprocess
@@ -153,7 +183,7 @@ def time_llamppl(python, prompts, Ns, repeats):
 
     toy_file = Path(toy.__file__)
     res = subprocess.run([python, "-c", LLAMPPL_WORKER, str(toy_file), str(toy.TOY_LM_PATH), json.dumps(prompts),
-                          json.dumps(Ns), str(repeats)], capture_output=True, text=True, check=True,
+                          json.dumps(Ns), str(repeats), str(K)], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {N: (s, t) for N, s, t in json.loads(res.stdout.strip().splitlines()[-1])}
 
@@ -169,6 +199,8 @@ def main(argv=None) -> None:
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="best of R timings")
     ap.add_argument("--llamppl", metavar="PYTHON", help="a Python interpreter with llamppl installed")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="also run K problems at once: ours in lockstep, LLaMPPL with asyncio.gather")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     lm = HFLanguageModel.from_pretrained(toy.TOY_LM_PATH)
@@ -197,6 +229,20 @@ def main(argv=None) -> None:
             extra = f" {cell(l_s, l_tok)} | {(l_s / l_tok) / (pf_s / pf_tok):.2f} |"
         print(f"| {N} | {cell(pf_s, pf_tok)} | {cell(prm_s, prm_tok)} | {cell(our_s, our_tok)} | "
               f"{cell(hf_s, hf_tok)} | {ratio:.2f} |" + extra)
+    if args.concurrency > 1:
+        K = args.concurrency
+        print(f"\n{K} problems at once (ours: lockstep; LLaMPPL: asyncio.gather), best of {args.repeats}\n")
+        Ns = [r[0] for r in rows]
+        theirs = time_llamppl(args.llamppl, prompts, Ns, args.repeats, K) if args.llamppl else {}
+        print("| N | ours lockstep s (tok/s) | ours one at a time s (tok/s) | LLaMPPL gathered s (tok/s) | "
+              "our speed-up per token |")
+        print("|---|---|---|---|---|")
+        for N, pf_s, pf_tok, *_ in rows:
+            time_pf_lockstep(lm, prompts[:2], N, exact_checker, 0, K)   # warm-up
+            s_, t_ = best_of(args.repeats, lambda: time_pf_lockstep(lm, prompts, N, exact_checker, 0, K))
+            l_s, l_tok = theirs.get(N, (float("nan"), 1))
+            print(f"| {N} | {cell(s_, t_)} | {cell(pf_s, pf_tok)} | {cell(l_s, l_tok)} | "
+                  f"{(l_s / l_tok) / (s_ / t_):.2f} |")
 
 
 if __name__ == "__main__":

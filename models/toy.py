@@ -29,18 +29,18 @@ on the LM's own samples, step-level AUC 0.91 and false-positive rate 0.11
 """
 from __future__ import annotations
 
-import sys
-
 import json
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .types import Partial
+if TYPE_CHECKING:   # only for hints: this module also loads standalone (benchmarks' LLaMPPL worker)
+    from .types import Partial
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_LM_PATH = ASSETS / "toy_lm"
