@@ -92,19 +92,6 @@ class IdCodec:
         return "".join(f"[{v}]" for v in ids)
 
 
-class TokenizerFree:
-    """A ``vllm.LLM`` built with ``skip_tokenizer_init=True``, whose ``get_tokenizer`` is an ``IdCodec``."""
-
-    def __init__(self, llm: Any, codec: IdCodec) -> None:
-        self._llm, self._codec = llm, codec
-
-    def get_tokenizer(self) -> IdCodec:
-        return self._codec
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
-
 @dataclass
 class _Call:
     key: Any
@@ -167,18 +154,13 @@ class Lockstep:
 
 
 def bench_lm_class() -> type:
-    """``VLLMLanguageModel`` for a tokenizer-free engine: the step delimiter "[id]" is sent as a
-    stop token id, and step requests go through ``self.lockstep`` when one is set."""
+    """``VLLMLanguageModel`` (tokenizer-free: built with ``tokenizer=IdCodec``, the step
+    delimiter "[id]" goes to the engine as a stop token id) whose step requests go through
+    ``self.lockstep`` when one is set."""
     from ppl_scaling.models.vllm_backend import VLLMLanguageModel
 
     class BenchLM(VLLMLanguageModel):
         lockstep: Lockstep | None = None
-
-        def _params(self, **kw: Any) -> Any:
-            stop_ids = [v for s in kw.pop("stop", None) or [] for v in self.encode(s)]
-            kw["stop_token_ids"] = sorted({*kw.get("stop_token_ids", []), *stop_ids})
-            kw["detokenize"] = False
-            return super()._params(**kw)
 
         def request_steps(self, rows: Sequence[Sequence[int]], *, seeds: Sequence[int], **kw: Any) -> list:
             run = functools.partial(self._steps, kw)
@@ -187,11 +169,7 @@ def bench_lm_class() -> type:
             return self.lockstep.call(("steps", tuple(sorted(kw.items()))), run, list(zip(rows, seeds)))
 
         def _steps(self, kw: dict[str, Any], items: list[tuple[Sequence[int], int]]) -> list:
-            replies = super().request_steps([r for r, _ in items], seeds=[s for _, s in items], **kw)
-            stop_ids = set(self.encode(kw["stop"] or ""))
-            for r in replies:  # the base class reads a stop *string* from the engine's stop_reason
-                r.delimited = not r.eos and bool(r.token_ids) and r.token_ids[-1] in stop_ids
-            return replies
+            return super().request_steps([r for r, _ in items], seeds=[s for _, s in items], **kw)
 
     return BenchLM
 
@@ -258,14 +236,14 @@ def build(args: argparse.Namespace, cuda: bool, workdir: Path) -> tuple[Bench, d
     t0 = time.perf_counter()
     llm = vllm.LLM(model=str(write_config(workdir / "policy", policy)),
                    **{**ENGINE_DEFAULTS, **engine_kwargs(args, cuda, POLICY_MEMORY, max_len)})
-    lm = bench_lm_class()(llm=TokenizerFree(llm, IdCodec(policy["eos_token_id"])), logprobs=False)
+    lm = bench_lm_class()(llm=llm, tokenizer=IdCodec(policy["eos_token_id"]), logprobs=False)
     setup["policy_s"] = time.perf_counter() - t0
     prm_llm = scorer = None
     if prm is not None:
         t0 = time.perf_counter()
         prm_llm = vllm.LLM(model=str(write_config(workdir / "prm", prm)), runner="pooling",
                            **engine_kwargs(args, cuda, PRM_MEMORY, max_len))
-        scorer = VLLMStepScorer(llm=TokenizerFree(prm_llm, IdCodec(prm["eos_token_id"])), name="prm")
+        scorer = VLLMStepScorer(llm=prm_llm, tokenizer=IdCodec(prm["eos_token_id"]), name="prm")
         setup["prm_s"] = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     stops = [STEP_DELIMITER_ID, *lm.eos_token_ids]

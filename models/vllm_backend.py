@@ -114,10 +114,15 @@ class VLLMLanguageModel(EngineLanguageModel):
     ``logprobs=False`` skips the log-probabilities (``log_q``, ``log_p`` are then NaN;
     only ``StepModel(target="model")`` reads them). ``truncate="left"``: send a row that does
     not fit ``max_model_len`` without its oldest tokens instead of raising ``ContextLengthError``.
+    ``tokenizer``: anything with ``__call__(text)["input_ids"]``, ``decode`` and ``eos_token_id``,
+    for an engine built without one (``skip_tokenizer_init=True``, e.g. token-id benchmarks with
+    random weights); the engine then cannot match stop strings, so the step delimiter (one
+    token) is sent as a stop token id.
     """
 
     def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, logprobs: bool = True,
-                 exact_log_p: bool = True, truncate: str | None = None, **engine_kwargs: Any) -> None:
+                 exact_log_p: bool = True, truncate: str | None = None, tokenizer: Any = None,
+                 **engine_kwargs: Any) -> None:
         if (model_or_path is None) == (llm is None):
             raise ValueError("pass either model_or_path (a hub id or directory) or llm= (a vllm.LLM), not both")
         if truncate not in TRUNCATIONS:
@@ -128,8 +133,12 @@ class VLLMLanguageModel(EngineLanguageModel):
             source = str(path) if path.exists() else str(model_or_path)
             llm = vllm.LLM(model=source, **{**ENGINE_DEFAULTS, **engine_kwargs})
         self.llm, self._vllm, self.logprobs, self.exact_log_p = llm, vllm, logprobs, exact_log_p
-        self.tokenizer = llm.get_tokenizer()
         config = llm.llm_engine.model_config
+        self.detokenizes = not getattr(config, "skip_tokenizer_init", False)
+        if tokenizer is None and not self.detokenizes:
+            raise ValueError("the engine was built with skip_tokenizer_init=True: pass tokenizer= (token ids <-> "
+                             "text for the steps and the step delimiter)")
+        self.tokenizer = llm.get_tokenizer() if tokenizer is None else tokenizer
         self.mode = getattr(config, "logprobs_mode", "raw_logprobs")
         self.mode = str(getattr(self.mode, "value", self.mode))
         self.vocab_size = int(config.get_vocab_size())
@@ -206,10 +215,17 @@ class VLLMLanguageModel(EngineLanguageModel):
             raise ValueError(f"VLLMLanguageModel needs the engine option logprobs_mode='processed_logprobs' "
                              f"(the proposal's log-probabilities), got {self.mode!r}")
         eos_ids = self.eos_token_ids
+        stop_ids: set[int] = set()   # without a detokenizer the delimiter is a stop token id
+        if stop is not None and not self.detokenizes:
+            stop_ids = set(self.encode(stop))
+            if len(stop_ids) != 1:
+                raise ValueError(f"without a detokenizer the step delimiter {stop!r} must be one token, "
+                                 f"it encodes to {sorted(stop_ids)}")
         common = dict(temperature=temperature, top_p=float(top_p), top_k=int(top_k or 0), min_p=float(min_p),
                       max_tokens=max_tokens, logprobs=0 if self.logprobs else None,
-                      stop=[] if stop is None else [stop], include_stop_str_in_output=True,
-                      stop_token_ids=sorted(eos_ids), skip_special_tokens=True)
+                      stop=[] if stop is None or stop_ids else [stop], include_stop_str_in_output=True,
+                      stop_token_ids=sorted(eos_ids | stop_ids), skip_special_tokens=True,
+                      detokenize=self.detokenizes)
         rows = self._fit(rows, max_tokens)
         replies = []
         for out in self._generate(rows, [self._params(seed=s, **common) for s in seeds]):
@@ -217,7 +233,9 @@ class VLLMLanguageModel(EngineLanguageModel):
             ids = list(c.token_ids)
             lps = np.array([pos[t].logprob for pos, t in zip(c.logprobs, ids)]) if self.logprobs else None
             eos = bool(ids) and ids[-1] in eos_ids
-            replies.append(StepReply(ids, lps, eos, not eos and stop is not None and isinstance(c.stop_reason, str)))
+            delimited = (not eos and stop is not None
+                         and (ids[-1] in stop_ids if stop_ids else isinstance(c.stop_reason, str)))
+            replies.append(StepReply(ids, lps, eos, delimited))
         return replies
 
 
@@ -237,7 +255,7 @@ class VLLMStepScorer:
     """
 
     def __init__(self, model_or_path: str | Path | None = None, *, llm: Any = None, good_label: int = 1,
-                 format: Any = None, name: str | None = None, **engine_kwargs: Any) -> None:
+                 format: Any = None, name: str | None = None, tokenizer: Any = None, **engine_kwargs: Any) -> None:
         if (model_or_path is None) == (llm is None):
             raise ValueError("pass either model_or_path (a directory or hub id) or llm= (a pooling vllm.LLM)")
         vllm = import_vllm()
@@ -246,7 +264,7 @@ class VLLMStepScorer:
             llm = vllm.LLM(model=str(path) if path.exists() else str(model_or_path), runner="pooling",
                            **engine_kwargs)
         self.llm, self.good_label = llm, good_label
-        self.tokenizer = llm.get_tokenizer()
+        self.tokenizer = llm.get_tokenizer() if tokenizer is None else tokenizer   # given: an engine without one
         self.format = format or (lambda prompt, steps: prompt + "".join(steps))
         self.name = name or Path(str(model_or_path or "vllm-prm")).name
         self.context_length = int(llm.llm_engine.model_config.max_model_len)
