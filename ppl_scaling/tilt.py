@@ -32,7 +32,7 @@ resampling reindexes them with the particles. Rewards are validated once, by
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,10 +114,61 @@ class Tilted:
         return self._tilt(t, xp, self.dynamics.M(t, xp.base, rng), rng)
 
     def logG(self, t: int, xp: TiltedState | None, x: TiltedState) -> np.ndarray:
+        """log G_t(xp, x): the tilt's potential of x after its parent xp (plus the dynamics' own).
+        The engine passes x with its own parents: the value stored when x was made. One state
+        weighed after N candidate parents (x has 1 particle, xp N) gets the shape's step
+        recomputed from each candidate's accumulators: the FK potential depends on the parent
+        (``difference``: r(x) - r(xp)); ``future_log_weights`` gives the whole future's."""
+        tilt = x.logG
+        if xp is not None and num_particles(x) == 1 and num_particles(xp) != 1:
+            tilt = self._after(t, xp.acc, xp.done, x)[0]
+        return tilt + self._own_logG(t, xp, x)
+
+    def _own_logG(self, t: int, xp: TiltedState | None, x: TiltedState) -> np.ndarray | float:
         own = getattr(self.dynamics, "logG", None)
         if own is None:
-            return x.logG
-        return x.logG + np.asarray(own(t, None if xp is None else xp.base, x.base), dtype=np.float64)
+            return 0.0
+        return np.asarray(own(t, None if xp is None else xp.base, x.base), dtype=np.float64)
+
+    def _after(self, t: int, acc: dict[str, np.ndarray], parent_done: np.ndarray,
+               x: TiltedState) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """The shape's step for state ``x`` (its reward, its done flag; 1 particle, broadcast)
+        after parents with accumulators ``acc`` and done flags ``parent_done`` (N each), as
+        ``_tilt`` took it: x's reward counts iff x moved (with ``at``: iff t is in ``at`` or x
+        finished now). Returns (log G_t, the new accumulators, finished now)."""
+        N = parent_done.shape[0]
+        moved = ~parent_done
+        finished = np.broadcast_to(x.done, (N,)) & moved
+        due = finished if self.at is not None and t not in self.at else moved
+        logG, new = np.zeros(N), {k: v.copy() for k, v in acc.items()}
+        rows = np.flatnonzero(due)
+        if rows.size:
+            r = np.broadcast_to(x.reward, (N,))[rows]
+            logG[rows], stepped = self.shape.step({k: v[rows] for k, v in acc.items()}, r, final=finished[rows])
+            for k in new:
+                new[k][rows] = stepped[k]
+        return logG, new, finished
+
+    def rebase(self, t: int, xp: TiltedState, x: TiltedState) -> TiltedState:
+        """The state x (its dynamics state and reward) after another parent xp: the tilt's
+        accumulators and log G_t recomputed from xp's (conditional SMC re-parents its
+        reference this way after ancestor sampling)."""
+        logG, acc, finished = self._after(t, xp.acc, xp.done, x)
+        return TiltedState(x.base, acc, logG, np.broadcast_to(x.reward, logG.shape).copy(), xp.done | finished)
+
+    def future_log_weights(self, t: int, xp: TiltedState, path: Sequence[TiltedState]) -> np.ndarray:
+        """Σ_{s >= t} log G_s of the 1-particle states ``path`` (x_t, x_{t+1}, ...) after each of
+        the N candidate parents ``xp`` at t - 1: the shape run on from each candidate's
+        accumulators along the path's rewards (all that depends on the candidate; the
+        dynamics' own log G only at t). Ancestor and backward sampling weigh candidates by it
+        (for ``difference`` only log G_t depends on the parent, not for the other shapes)."""
+        acc, done = xp.acc, xp.done
+        total = np.zeros(done.shape[0])
+        for k, x in enumerate(path):
+            logG, acc, _ = self._after(t + k, acc, done, x)
+            total += logG
+            done = np.broadcast_to(x.done, done.shape)
+        return total + self._own_logG(t, xp, path[0])
 
     def done(self, t: int, x: TiltedState) -> np.ndarray:
         return x.done

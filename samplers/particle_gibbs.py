@@ -14,15 +14,19 @@ early states are rarely replaced). Two remedies need the transition log-density
 ``fk.logpt(t, xp, x)`` of M, vectorised over particles (the name ``particles`` uses):
 
 - **ancestor sampling** (PGAS; Lindsten, Jordan & Schön 2014): at each step the
-  reference's ancestor is redrawn, P(A_0 = i) ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t),
-  so the reference path is cut and re-attached to other particles' histories;
+  reference's ancestor is redrawn, P(A_0 = i) ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) Π_{s>=t} G_s,
+  the potentials of the reference's future after x_{t-1}^i, so the reference path is cut
+  and re-attached to other particles' histories;
 - **backward sampling** (Whiteley 2010): the new reference is drawn backwards,
-  x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) G_{t+1}(x_t^i, x_{t+1}).
+  x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) Π_{s>t} G_s.
 
-Both leave pi invariant. They are exact when logG(t, xp, x) is a function of (xp, x): for
-``Tilted`` dynamics the weight is carried in the state, which is right for states that hold
-their own history (an LLM's step prefixes), where only parents with the same history have
-positive density.
+Both leave pi invariant. For a plain Feynman-Kac model only G_t depends on the candidate
+(logG(t, xp_i, x_t)). A ``Tilted`` model's potentials depend on the path through its shape's
+accumulators (``difference``: r(x_t) - r(x_{t-1}); ``last`` / ``max`` / ``sum``: the whole
+history), so ``Tilted.future_log_weights`` runs the shape on from each candidate along the
+future's rewards, and the re-parented reference is re-weighed (``Tilted.rebase``): exact for
+Markov states (diffusion, masked diffusion) as for states that hold their history (an LLM's
+step prefixes, where only parents with the same history have positive density).
 
     out = particle_gibbs(fk, num_particles=20, num_iterations=500, ancestor_sampling=True, seed=0)
     out.trajectories[i]            # the reference path after iteration i (1-particle states)
@@ -64,8 +68,9 @@ class ConditionalSMC(SMC):
     multinomial resampling before every step (module docstring).
 
     The reference's ancestor is ``reference_ancestor`` (slot 0, where x*_{t-1} sits);
-    ancestor sampling redraws it ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t)
-    (and weighs the pinned x*_t under its new parent).
+    ancestor sampling redraws it ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) Π_{s>=t} G_s (the reference's
+    future potentials after x_{t-1}^i: ``transition_log_weights``), and the pinned x*_t is
+    re-weighed under its new parent (``rebase``).
     """
 
     def __init__(self, fk: Any, num_particles: int, reference: Sequence[Any], *, ancestor_sampling: bool = False,
@@ -81,16 +86,21 @@ class ConditionalSMC(SMC):
         self.slot = np.zeros(self.N, dtype=bool)
         self.slot[0] = True
 
-    def _pin(self, t: int, x: Any) -> Any:
+    def _pin(self, t: int, x: Any, xp: Any = None) -> Any:
+        """Slot 0 := x*_t; a model that can (``rebase``: ``Tilted``) re-weighs it after its
+        parent in this sweep, xp's slot 0 (with ancestor sampling, not x*_{t-1})."""
         if t >= len(self.reference):  # the reference had finished; slot 0 stays frozen
             return x
-        return where(self.slot, take(self.reference[t], np.zeros(self.N, dtype=np.int64)), x)
+        ref = self.reference[t]
+        if xp is not None and callable(getattr(self.fk, "rebase", None)):
+            ref = self.fk.rebase(t, take(xp, np.zeros(1, dtype=np.int64)), ref)
+        return where(self.slot, take(ref, np.zeros(self.N, dtype=np.int64)), x)
 
     def initial(self, rng: np.random.Generator) -> Any:
         return self._pin(0, super().initial(rng))
 
     def move(self, t: int, xp: Any, rng: np.random.Generator) -> Any:
-        return self._pin(t, super().move(t, xp, rng))
+        return self._pin(t, super().move(t, xp, rng), xp)
 
     def select(self, t: int, rng: np.random.Generator, state: SMCState) -> tuple[np.ndarray, np.ndarray]:
         """Conditional resampling: A_i ~ Multinomial(W) for i >= 1, A_0 = ``reference_ancestor``."""
@@ -100,10 +110,10 @@ class ConditionalSMC(SMC):
 
     def reference_ancestor(self, t: int, rng: np.random.Generator, state: SMCState) -> int:
         """The parent slot of the reference state x*_t: 0, where x*_{t-1} is pinned, or with
-        ancestor sampling a draw ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) G_t(x_{t-1}^i, x*_t)."""
+        ancestor sampling a draw ∝ W_{t-1,i} M_t(x_{t-1}^i, x*_t) Π_{s>=t} G_s (module docstring)."""
         if not self.ancestor_sampling or t >= len(self.reference):
             return 0
-        lw = state.log_weights + transition_log_weights(self.fk, t, state.particles, self.reference[t], self.N)
+        lw = state.log_weights + transition_log_weights(self.fk, t, state.particles, self.reference[t:], self.N)
         return int(rng.choice(self.N, p=normalise(lw)))
 
     def result(self, state: SMCState) -> SMCResult:
@@ -127,13 +137,21 @@ def require_logpt(fk: Any, what: str) -> None:
                         "(vectorised over particles); define it on the model (or its dynamics)")
 
 
-def transition_log_weights(fk: Any, t: int, xp: Any, x_next: Any, N: int) -> np.ndarray:
-    """log M_t(xp_i, x) + log G_t(xp_i, x) for every particle xp_i and the one state ``x_next``.
-    ``x_next`` is passed as it is, a 1-particle state that ``logpt`` / ``logG`` broadcast against the
-    N particles ``xp`` (copying it N times would copy an LLM state's KV cache N times per step)."""
+def transition_log_weights(fk: Any, t: int, xp: Any, future: Sequence[Any], N: int) -> np.ndarray:
+    """log M_t(xp_i, x_t) + Σ_{s >= t} log G_s(path through xp_i) for every particle xp_i and the
+    1-particle states ``future`` = (x_t, x_{t+1}, ...). The potentials of a model that can
+    (``future_log_weights``: ``Tilted``, whose shapes carry accumulators) are run on from each
+    candidate; for any other model only G_t depends on the candidate (log G_t(xp_i, x_t)). The
+    states are passed as they are, broadcast against the N particles ``xp`` (copying one N
+    times would copy an LLM state's KV cache N times per step)."""
+    x_next = future[0]
     with np.errstate(invalid="ignore"):
+        if callable(getattr(fk, "future_log_weights", None)):
+            potentials = fk.future_log_weights(t, xp, future)
+        else:
+            potentials = fk.logG(t, xp, x_next)
         return (as_log_potential(_broadcast(fk.logpt(t, xp, x_next), N), N, t, "logpt")
-                + as_log_potential(_broadcast(fk.logG(t, xp, x_next), N), N, t))
+                + as_log_potential(_broadcast(potentials, N), N, t))
 
 
 def _broadcast(value: Any, N: int) -> Any:
@@ -146,7 +164,8 @@ def _broadcast(value: Any, N: int) -> Any:
 
 def draw_trajectory_backward(result: SMCResult, fk: Any, rng: np.random.Generator) -> list[Any]:
     """One path by backward sampling (module docstring; needs ``store_history`` and ``fk.logpt``):
-    x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) G_{t+1}(x_t^i, x_{t+1})."""
+    x_{T-1} ~ W_{T-1}, then x_t = x_t^i with P(i) ∝ w_{t,i} M_{t+1}(x_t^i, x_{t+1}) Π_{s>t} G_s (the
+    potentials of the drawn future after x_t^i: ``transition_log_weights``)."""
     require_logpt(fk, "backward sampling")
     if result.history is None:
         raise ValueError("backward sampling needs the run's history (store_history=True)")
@@ -154,7 +173,7 @@ def draw_trajectory_backward(result: SMCResult, fk: Any, rng: np.random.Generato
     k = int(rng.choice(N, p=result.weights))
     path = [take(result.history[-1], np.array([k]))]
     for t in range(steps - 2, -1, -1):
-        lw = result.log_weights_history[t] + transition_log_weights(fk, t + 1, result.history[t], path[0], N)
+        lw = result.log_weights_history[t] + transition_log_weights(fk, t + 1, result.history[t], path, N)
         k = int(rng.choice(N, p=normalise(lw)))
         path.insert(0, take(result.history[t], np.array([k])))
     return path
