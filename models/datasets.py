@@ -128,11 +128,23 @@ def parse_record(row: Any, where: str, default_id: str) -> Problem:
                    level=normalize_level(level), subject=None if subject is None else str(subject))
 
 
-def _and(numbers: Sequence[int], most: int = 10) -> str:
+def and_list(numbers: Sequence[int], most: int = 10) -> str:
+    """"1 and 3", "1, 3 and 7", "1, 2, ... (12 in all)"."""
     words = [str(n) for n in numbers]
     if len(words) > most:
         return ", ".join(words[:most]) + f", ... ({len(words)} in all)"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def refuse_duplicate_ids(label: str, positions: dict[str, list[int]], where: str) -> None:
+    """Raise ``ValueError`` naming up to 5 ids that occur more than once in ``positions``
+    (id -> line / record / item numbers; ``where``: "on lines", "on records", "at items")."""
+    dupes = {k: v for k, v in positions.items() if len(v) > 1}
+    if dupes:
+        shown = "; ".join(f"{clip(repr(k), 60)} {where} {and_list(v)}" for k, v in list(dupes.items())[:5])
+        more = f" (and {len(dupes) - 5} more ids)" if len(dupes) > 5 else ""
+        raise ValueError(f"{label}: duplicate problem ids: {shown}{more}; every problem needs its own id "
+                         "(results are keyed by it)")
 
 
 def _build(name: str, label: str, items: Iterable[tuple[int, Any]], unit: str) -> Dataset:
@@ -144,12 +156,7 @@ def _build(name: str, label: str, items: Iterable[tuple[int, Any]], unit: str) -
         rec = parse_record(row, where, f"{unit}-{n}")
         where_of.setdefault(rec.id, []).append(n)
         records.append(rec)
-    dupes = {k: v for k, v in where_of.items() if len(v) > 1}
-    if dupes:
-        shown = "; ".join(f"{clip(repr(k), 60)} on {unit}s {_and(v)}" for k, v in list(dupes.items())[:5])
-        more = f" (and {len(dupes) - 5} more ids)" if len(dupes) > 5 else ""
-        raise ValueError(f"{label}: duplicate problem ids: {shown}{more}; every problem needs its own id "
-                         "(results are keyed by it)")
+    refuse_duplicate_ids(label, where_of, f"on {unit}s")
     if not records:
         raise ValueError(f"{label}: the dataset has no problems")
     return Dataset(name, tuple(records))

@@ -85,7 +85,7 @@ from ppl_scaling.ledger import Ledger
 
 from . import toy
 from .answers import grade
-from .datasets import Dataset, load_problems
+from .datasets import Dataset, load_problems, refuse_duplicate_ids
 from .harness import MethodConfig, MethodRun, method_options, needs_reward, parse_method, run_method
 from .types import Question
 
@@ -169,23 +169,10 @@ def read_jsonl_records(path: str | Path, required: Sequence[str] = ("problem", "
                 records.append((lineno, {**row, "id": ident}))
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text (a JSONL dataset is UTF-8, one JSON object per line)") from None
-    dupes = {k: v for k, v in lines_of.items() if len(v) > 1}
-    if dupes:
-        shown = "; ".join(f"{clip(repr(k), 60)} on lines {_and(v)}" for k, v in list(dupes.items())[:5])
-        more = f" (and {len(dupes) - 5} more ids)" if len(dupes) > 5 else ""
-        raise ValueError(f"{path}: duplicate problem ids: {shown}{more}; every problem needs its own id "
-                         "(results are keyed by it)")
+    refuse_duplicate_ids(str(path), lines_of, "on lines")
     if not records:
         raise ValueError(f"{path}: the dataset has no problems")
     return records
-
-
-def _and(numbers: Sequence[int], most: int = 10) -> str:
-    """"1 and 3", "1, 3 and 7", "1, 2, ... (12 in all)"."""
-    words = [str(n) for n in numbers]
-    if len(words) > most:
-        return ", ".join(words[:most]) + f", ... ({len(words)} in all)"
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def read_dataset(path: str | Path) -> list[dict[str, Any]]:
@@ -509,10 +496,7 @@ def _check_items(task: Task) -> None:
     positions: dict[str, list[int]] = {}
     for i, it in enumerate(task.items):
         positions.setdefault(str(it.id), []).append(i)
-    dupes = {k: v for k, v in positions.items() if len(v) > 1}
-    if dupes:
-        shown = "; ".join(f"{clip(repr(k), 60)} at items {_and(v)}" for k, v in list(dupes.items())[:5])
-        raise ValueError(f"task {task.name!r} has duplicate problem ids: {shown}; every problem needs its own id")
+    refuse_duplicate_ids(f"task {task.name!r}", positions, "at items")
     if not task.items:
         raise ValueError(f"task {task.name!r} has no problems")
 

@@ -67,6 +67,16 @@ _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length
 _UNSET_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30) (transformers' VERY_LARGE_INTEGER)
 
 
+def resolve_context_length(context_length: int | None, model: Any, tokenizer: Any = None) -> int | None:
+    """``context_length`` if given (a positive integer, else ``ValueError``), else the model's own
+    (``hf_context_length``)."""
+    if context_length is None:
+        return hf_context_length(model, tokenizer)
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+    return context_length
+
+
 def hf_context_length(model: Any, tokenizer: Any = None) -> int | None:
     """The context length of a transformers model: its (text) config's position limit, else
     the tokenizer's ``model_max_length`` when it is a real value (not the huge "unset"
@@ -210,10 +220,7 @@ class HFLanguageModel(MergingLanguageModel):
         self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         if truncate not in TRUNCATIONS:
             raise ValueError(f"truncate must be one of {TRUNCATIONS}, got {truncate!r}")
-        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                           or context_length < 1):
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
-        self.context_length = context_length if context_length is not None else hf_context_length(model, tokenizer)
+        self.context_length = resolve_context_length(context_length, model, tokenizer)
         self.truncate = truncate
         self._delimiter_tokens: dict[str, torch.Tensor | None] = {}
 

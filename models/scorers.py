@@ -59,7 +59,7 @@ import numpy as np
 from ppl_scaling.errors import PotentialError
 from ppl_scaling.ledger import record
 
-from .hf import hf_context_length
+from .hf import resolve_context_length
 from .lm import ContextLengthError
 from .prm_cache import KV, PrefixKVStore, forward_with_past, full_attention
 
@@ -98,10 +98,7 @@ class HFStepScorer:
                  reuse_cache: bool = True, max_cache_tokens: int | None = 2**17) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown PRM mode {mode!r}; choose one of {MODES}")
-        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                           or context_length < 1):
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
-        self.context_length = context_length if context_length is not None else hf_context_length(model, tokenizer)
+        self.context_length = resolve_context_length(context_length, model, tokenizer)
         self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
         self.good_label, self.batch_size = good_label, batch_size
         self.system_prompt = system_prompt

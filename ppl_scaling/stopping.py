@@ -72,6 +72,7 @@ class AnswerSettled:
         if confidence is not None and not 0.5 < confidence < 1.0:
             raise ValueError(f"confidence must be in (0.5, 1) (or None: the exact rule), got {confidence!r}")
         self.extract, self.key, self.confidence, self.min_votes = extract, key, confidence, int(min_votes)
+        self._answers: dict[str, Any] = {}   # completion -> answer: a finished particle is read once
 
     def votes(self, state: Any) -> tuple[Counter, int]:
         """Votes per answer key among the finished particles, and the number unfinished."""
@@ -81,7 +82,9 @@ class AnswerSettled:
             if not p.finished:
                 unfinished += 1
                 continue
-            answer = self.extract(p.completion)
+            if p.completion not in self._answers:
+                self._answers[p.completion] = self.extract(p.completion)
+            answer = self._answers[p.completion]
             if answer is not None:
                 votes[answer if self.key is None else self.key(answer)] += 1
         return votes, unfinished
